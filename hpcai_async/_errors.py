@@ -1,0 +1,168 @@
+"""One exception tree for the client and the local server.
+
+    HpcaiError
+    ├── ConfigurationError        (ValueError)    bad arguments or environment, raised before any request
+    ├── APIError                                  anything the service or the transport said
+    │   ├── APIConnectionError    (OSError)       could not reach the service, or the connection broke
+    │   │   └── APITimeoutError   (TimeoutError)  a request or a wait ran past its time
+    │   ├── RetryBudgetExceededError               retried until the configured total time ran out
+    │   ├── RequestFailedError                    a submitted job failed on the server
+    │   └── APIStatusError                        an HTTP answer with an error status
+    │       ├── BadRequestError           400     (ValueError)
+    │       ├── AuthenticationError       401
+    │       ├── PermissionDeniedError     403
+    │       ├── NotFoundError             404     (LookupError)
+    │       ├── ConflictError             409
+    │       ├── GoneError                 410     a future expired or was dropped
+    │       ├── UnprocessableEntityError  422     (ValueError)
+    │       ├── RateLimitError            429
+    │       └── InternalServerError       5xx
+
+Every exception carries plain fields only (``status``, ``code``, ``message``, ``request_id``), so it pickles and
+crosses threads and processes. The local server answers with the same table: ``status_for`` maps an exception to
+its status and ``error_for_status`` maps a status back to a class.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigurationError",
+    "ConflictError",
+    "GoneError",
+    "HpcaiError",
+    "InternalServerError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RequestFailedError",
+    "RetryBudgetExceededError",
+    "UnprocessableEntityError",
+    "error_for_status",
+)
+
+
+class HpcaiError(Exception):
+    """Root of every error raised by hpcai_async."""
+
+
+class ConfigurationError(HpcaiError, ValueError):
+    """Bad arguments or environment, found before anything was sent."""
+
+
+class APIError(HpcaiError):
+    """The service or the transport reported a problem."""
+
+    status: int | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.code = code
+        self.request_id = request_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # keyword-only fields do not survive the default pickling of exceptions
+        return (_rebuild, (type(self), self.message, self.status, self.code, self.request_id))
+
+    def __str__(self) -> str:
+        where = f" (request {self.request_id})" if self.request_id else ""
+        return f"{self.message}{where}"
+
+
+def _rebuild(
+    cls: type[APIError], message: str, status: int | None, code: str | None, request_id: str | None
+) -> APIError:
+    return cls(message, status=status, code=code, request_id=request_id)
+
+
+class APIConnectionError(APIError, OSError):
+    """The service could not be reached, or the connection broke mid-request."""
+
+
+class APITimeoutError(APIConnectionError, TimeoutError):
+    """A request, or a wait for a result, ran past its time limit."""
+
+
+class RetryBudgetExceededError(APIError):
+    """Retryable failures went on for longer than the client's total retry budget."""
+
+
+class RequestFailedError(APIError):
+    """A submitted job ran on the server and failed; ``message`` is the server's own."""
+
+
+class APIStatusError(APIError):
+    """The service answered with an HTTP error status."""
+
+
+class BadRequestError(APIStatusError, ValueError):
+    status = 400
+
+
+class AuthenticationError(APIStatusError):
+    status = 401
+
+
+class PermissionDeniedError(APIStatusError):
+    status = 403
+
+
+class NotFoundError(APIStatusError, LookupError):
+    status = 404
+
+
+class ConflictError(APIStatusError):
+    status = 409
+
+
+class GoneError(APIStatusError):
+    status = 410
+
+
+class UnprocessableEntityError(APIStatusError, ValueError):
+    status = 422
+
+
+class RateLimitError(APIStatusError):
+    status = 429
+
+
+class InternalServerError(APIStatusError):
+    status = 500
+
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    cls.status: cls  # type: ignore[misc]
+    for cls in (
+        BadRequestError,
+        AuthenticationError,
+        PermissionDeniedError,
+        NotFoundError,
+        ConflictError,
+        GoneError,
+        UnprocessableEntityError,
+        RateLimitError,
+    )
+}
+
+
+def error_for_status(status: int) -> type[APIStatusError]:
+    """The exception class for an HTTP error status (PROTOCOL.md §1.4)."""
+    if status >= 500:
+        return InternalServerError
+    return _BY_STATUS.get(status, APIStatusError)

@@ -1,0 +1,478 @@
+"""Every wire struct of the HPC-AI protocol, shared by the client and the local server (PROTOCOL.md §5-§7).
+
+Structs mirror the official SDK's models field for field, so ``print(result)`` reads like the reference output.
+Fields that exist only in our protocol extensions (``seq_id``, ``weight_decay`` …) default to ``UNSET`` and are
+never sent unless set. Tensor payloads (``TensorData.data``, ``EncodedTextChunk.tokens``) may hold a list, a numpy
+array or raw little-endian bytes; ``_tensor`` turns any of them into numpy without per-element Python work.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+from msgspec import UNSET, Struct, UnsetType
+
+from . import _tensor
+from ._tensor import TensorDtype
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = (
+    "AdamParams",
+    "Checkpoint",
+    "CheckpointsListResponse",
+    "CreateModelRequest",
+    "CreateModelResponse",
+    "Cursor",
+    "Datum",
+    "EncodedTextChunk",
+    "ErrorResponse",
+    "ForwardBackwardInput",
+    "ForwardBackwardOutput",
+    "ForwardBackwardRequest",
+    "ForwardRequest",
+    "FutureRetrieveRequest",
+    "GetInfoRequest",
+    "GetInfoResponse",
+    "GetServerCapabilitiesResponse",
+    "HealthResponse",
+    "ImageAssetPointerChunk",
+    "LoadWeightsRequest",
+    "LoadWeightsResponse",
+    "LoraConfig",
+    "LossFnType",
+    "ModelData",
+    "ModelIdRequest",
+    "ModelInput",
+    "ModelInputChunk",
+    "OptimStepRequest",
+    "OptimStepResponse",
+    "SampleRequest",
+    "SampleResponse",
+    "SampledSequence",
+    "SamplingParams",
+    "SaveWeightsForSamplerResponse",
+    "SaveWeightsRequest",
+    "SaveWeightsResponse",
+    "StopReason",
+    "SupportedModel",
+    "TensorData",
+    "TensorDtype",
+    "TrainingRun",
+    "TrainingRunsResponse",
+    "TryAgainResponse",
+    "UnloadModelResponse",
+    "UntypedAPIFuture",
+)
+
+LossFnType: TypeAlias = Literal["cross_entropy", "importance_sampling", "ppo"]
+StopReason: TypeAlias = Literal["length", "stop"]
+
+# Plain lists in Datum.loss_fn_inputs get their dtype from the key (PROTOCOL.md §5.2).
+_KEY_DTYPES: dict[str, TensorDtype] = {
+    "target_tokens": "int64",
+    "weights": "float32",
+    "advantages": "float32",
+    "logprobs": "float32",
+}
+
+
+# --------------------------------------------------------------------------------------------- tensors and inputs
+
+
+class TensorData(Struct, kw_only=True, gc=False):
+    """A flat tensor: ``data`` row-major, ``dtype`` int64 or float32, optional ``shape`` (None = 1-D)."""
+
+    data: Any
+    dtype: TensorDtype
+    shape: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        # Keep arrays in their wire dtype so MessagePack can send their bytes as they are.
+        if isinstance(self.data, np.ndarray) and self.data.dtype != _tensor.DTYPES.get(self.dtype):
+            self.data = _tensor.as_array(self.data, self.dtype, what="TensorData")
+
+    @classmethod
+    def from_numpy(cls, array: npt.ArrayLike) -> TensorData:
+        arr = np.asarray(array)
+        dtype = _tensor.wire_dtype(arr.dtype)
+        return cls(data=_tensor.as_array(arr.reshape(-1), dtype), dtype=dtype, shape=list(arr.shape))
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> TensorData:
+        return cls.from_numpy(_tensor.from_torch(tensor))
+
+    def to_numpy(self) -> npt.NDArray[Any]:
+        """The tensor as a numpy array (no copy when it already is one)."""
+        return _tensor.as_array(self.data, self.dtype, self.shape)
+
+    def to_torch(self) -> torch.Tensor:
+        return _tensor.to_torch(self.to_numpy())
+
+    def tolist(self) -> list[Any]:
+        out: list[Any] = self.to_numpy().tolist()
+        return out
+
+    @property
+    def size(self) -> int:
+        """Number of values (no conversion for arrays and bytes)."""
+        data = self.data
+        if isinstance(data, np.ndarray):
+            return int(data.size)
+        if isinstance(data, bytes | bytearray | memoryview):
+            return len(data) // _tensor.DTYPES[self.dtype].itemsize
+        return len(data)
+
+    def __repr__(self) -> str:
+        data = self.data if isinstance(self.data, list) else self.tolist()
+        return f"TensorData(data={data!r}, dtype={self.dtype!r}, shape={self.shape!r})"
+
+
+class EncodedTextChunk(Struct, kw_only=True, tag="encoded_text", tag_field="type", gc=False):
+    """Token ids of text (a list, an int array, or raw little-endian int64 bytes)."""
+
+    tokens: Any
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, np.ndarray) and self.tokens.dtype != _tensor.DTYPES["int64"]:
+            self.tokens = _tensor.as_array(self.tokens, "int64", what="tokens")
+
+    @property
+    def length(self) -> int:
+        if isinstance(self.tokens, bytes | bytearray | memoryview):
+            return len(self.tokens) // 8
+        return len(self.tokens)
+
+    def to_numpy(self) -> npt.NDArray[np.int64]:
+        return _tensor.as_array(self.tokens, "int64", what="tokens").reshape(-1)
+
+
+class ImageAssetPointerChunk(Struct, kw_only=True, tag="image_asset_pointer", tag_field="type"):
+    format: Literal["png", "jpeg"]
+    height: int
+    location: str
+    tokens: int
+    width: int
+
+    @property
+    def length(self) -> int:
+        return self.tokens
+
+
+ModelInputChunk: TypeAlias = EncodedTextChunk | ImageAssetPointerChunk
+
+
+class ModelInput(Struct, kw_only=True):
+    chunks: list[ModelInputChunk]
+
+    @classmethod
+    def from_ints(cls, tokens: Any) -> ModelInput:
+        """A text-only input from token ids (a list or an integer array)."""
+        return cls(chunks=[EncodedTextChunk(tokens=tokens)])
+
+    @classmethod
+    def empty(cls) -> ModelInput:
+        return cls(chunks=[])
+
+    def to_ints(self) -> list[int]:
+        out: list[int] = self.to_numpy().tolist()
+        return out
+
+    def to_numpy(self) -> npt.NDArray[np.int64]:
+        """All token ids as one int64 array; raises ValueError if there is a non-text chunk."""
+        parts = []
+        for chunk in self.chunks:
+            if not isinstance(chunk, EncodedTextChunk):
+                raise ValueError(f"to_ints needs text chunks only, got a {type(chunk).__name__}")
+            parts.append(chunk.to_numpy())
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    @property
+    def length(self) -> int:
+        return sum(chunk.length for chunk in self.chunks)
+
+    def append(self, chunk: ModelInputChunk) -> ModelInput:
+        return ModelInput(chunks=[*self.chunks, chunk])
+
+    def append_int(self, token: int) -> ModelInput:
+        return self.append(EncodedTextChunk(tokens=[token]))
+
+
+class Datum(Struct, kw_only=True):
+    """One example: ``model_input`` and the loss function's per-token inputs.
+
+    Values of ``loss_fn_inputs`` may be given as TensorData, numpy arrays, torch tensors or plain lists (whose dtype
+    comes from the key: ``target_tokens`` int64, ``weights``/``advantages``/``logprobs`` float32).
+    """
+
+    loss_fn_inputs: dict[str, TensorData]
+    model_input: ModelInput
+
+    def __post_init__(self) -> None:
+        inputs = self.loss_fn_inputs
+        for key, value in inputs.items():
+            if not isinstance(value, TensorData):
+                inputs[key] = _to_tensor_data(key, value)
+
+    @property
+    def num_numbers(self) -> int:
+        """How many numbers this datum puts on the wire (PROTOCOL.md §8.1 chunking rule)."""
+        return self.model_input.length + sum(t.size for t in self.loss_fn_inputs.values())
+
+
+def _to_tensor_data(key: str, value: Any) -> TensorData:
+    if isinstance(value, np.ndarray):
+        return TensorData.from_numpy(value)
+    if type(value).__module__.startswith("torch"):
+        return TensorData.from_torch(value)
+    if isinstance(value, list | tuple):
+        dtype = _KEY_DTYPES.get(key)
+        if dtype is None:
+            raise ValueError(
+                f"loss_fn_inputs[{key!r}]: cannot infer the dtype of a plain list for this key; "
+                "pass a numpy array or TensorData"
+            )
+        return TensorData(data=list(value), dtype=dtype, shape=[len(value)])
+    raise ValueError(f"loss_fn_inputs[{key!r}]: expected TensorData, an array or a list, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------------------------- parameters
+
+
+class LoraConfig(Struct, kw_only=True):
+    rank: int
+    seed: int | None = None
+    train_unembed: bool = False
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class AdamParams(Struct, kw_only=True):
+    """AdamW hyper-parameters. ``weight_decay`` and ``grad_clip_norm`` are sent only when set."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float | UnsetType = UNSET
+    grad_clip_norm: float | UnsetType = UNSET
+
+
+class SamplingParams(Struct, kw_only=True):
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+# --------------------------------------------------------------------------------------------- requests
+
+
+class ForwardBackwardInput(Struct, kw_only=True):
+    data: list[Datum]
+    loss_fn: LossFnType
+
+
+class ForwardRequest(Struct, kw_only=True):
+    forward_input: ForwardBackwardInput
+    model_id: str
+    seq_id: int | UnsetType = UNSET
+
+
+class ForwardBackwardRequest(Struct, kw_only=True):
+    forward_backward_input: ForwardBackwardInput
+    model_id: str
+    seq_id: int | UnsetType = UNSET
+
+
+class OptimStepRequest(Struct, kw_only=True):
+    adam_params: AdamParams
+    model_id: str
+    seq_id: int | UnsetType = UNSET
+
+
+class ModelIdRequest(Struct, kw_only=True):
+    """Body of get_info and unload_model."""
+
+    model_id: str
+    seq_id: int | UnsetType = UNSET
+
+
+GetInfoRequest = ModelIdRequest
+
+
+class SaveWeightsRequest(Struct, kw_only=True):
+    """Body of save_weights and save_weights_for_sampler (``path`` is the checkpoint name)."""
+
+    model_id: str
+    path: str | UnsetType = UNSET
+    seq_id: int | UnsetType = UNSET
+
+
+class LoadWeightsRequest(Struct, kw_only=True):
+    model_id: str
+    path: str
+    optimizer: bool | UnsetType = UNSET
+    seq_id: int | UnsetType = UNSET
+
+
+class CreateModelRequest(Struct, kw_only=True):
+    base_model: str
+    lora_config: LoraConfig | None = None
+    type: Literal["create_model"] = "create_model"
+
+
+class SampleRequest(Struct, kw_only=True):
+    prompt: ModelInput
+    sampling_params: SamplingParams
+    num_samples: int = 1
+    base_model: str | UnsetType = UNSET
+    model_path: str | UnsetType = UNSET
+    prompt_logprobs: bool = False
+
+
+class FutureRetrieveRequest(Struct, kw_only=True):
+    request_id: str
+    model_id: str | UnsetType = UNSET
+
+
+# --------------------------------------------------------------------------------------------- responses
+
+
+class UntypedAPIFuture(Struct, kw_only=True):
+    request_id: str
+    model_id: str | None = None
+
+
+class TryAgainResponse(Struct, kw_only=True):
+    request_id: str
+    type: Literal["try_again"] = "try_again"
+    queue_state: str | None = None
+
+
+class ErrorResponse(Struct, kw_only=True):
+    error: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ForwardBackwardOutput(Struct, kw_only=True):
+    loss_fn_output_type: str
+    loss_fn_outputs: list[dict[str, TensorData]]
+    metrics: dict[str, float]
+
+
+class OptimStepResponse(Struct, kw_only=True):
+    metrics: dict[str, float] | None = None
+
+
+class SaveWeightsResponse(Struct, kw_only=True):
+    path: str
+    type: Literal["save_weights"] | None = "save_weights"
+
+
+class SaveWeightsForSamplerResponse(Struct, kw_only=True):
+    path: str
+    type: Literal["save_weights_for_sampler"] | None = "save_weights_for_sampler"
+
+
+class LoadWeightsResponse(Struct, kw_only=True):
+    path: str | None = None
+    type: Literal["load_weights"] | None = "load_weights"
+
+
+class UnloadModelResponse(Struct, kw_only=True):
+    model_id: str
+    type: Literal["unload_model"] | None = "unload_model"
+
+
+class CreateModelResponse(Struct, kw_only=True):
+    model_id: str
+    type: Literal["create_model"] | None = "create_model"
+
+
+class ModelData(Struct, kw_only=True):
+    arch: str | None = None
+    model_name: str | None = None
+
+
+class GetInfoResponse(Struct, kw_only=True):
+    type: Literal["get_info"] | None = "get_info"
+    model_data: ModelData
+    model_id: str
+    is_lora: bool | None = None
+    lora_rank: int | None = None
+    model_name: str | None = None
+
+
+class SupportedModel(Struct, kw_only=True):
+    model_name: str | None = None
+    max_context_length: int | None = None
+
+
+class GetServerCapabilitiesResponse(Struct, kw_only=True):
+    supported_models: list[SupportedModel]
+    # Protocol extensions the server understands, e.g. "seq_id", "msgpack" (ours; the hosted service sends none).
+    features: list[str] = []
+
+
+class HealthResponse(Struct, kw_only=True):
+    status: str
+
+
+class SampledSequence(Struct, kw_only=True):
+    stop_reason: StopReason
+    tokens: list[int]
+    logprobs: list[float] | None = None
+
+
+class SampleResponse(Struct, kw_only=True):
+    sequences: list[SampledSequence]
+    type: Literal["sample"] = "sample"
+    prompt_logprobs: list[float | None] | None = None
+
+
+# --------------------------------------------------------------------------------------------- REST
+
+
+class Checkpoint(Struct, kw_only=True):
+    checkpoint_id: str
+    checkpoint_type: Literal["training", "sampler"]
+    time: _dt.datetime
+    checkpoint_path: str
+
+
+class CheckpointsListResponse(Struct, kw_only=True):
+    checkpoints: list[Checkpoint]
+
+
+class TrainingRun(Struct, kw_only=True):
+    training_run_id: str
+    base_model: str
+    model_owner: str
+    is_lora: bool
+    last_request_time: _dt.datetime
+    corrupted: bool = False
+    lora_rank: int | None = None
+    last_checkpoint: Checkpoint | None = None
+    last_sampler_checkpoint: Checkpoint | None = None
+
+
+class Cursor(Struct, kw_only=True):
+    offset: int
+    limit: int
+    total_count: int
+
+
+class TrainingRunsResponse(Struct, kw_only=True):
+    training_runs: list[TrainingRun]
+    cursor: Cursor
+
