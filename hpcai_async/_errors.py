@@ -18,9 +18,9 @@
     │       ├── RateLimitError            429
     │       └── InternalServerError       5xx
 
-Every exception carries plain fields only (``status``, ``code``, ``message``, ``request_id``), so it pickles and
-crosses threads and processes. The local server answers with the same table: ``status_for`` maps an exception to
-its status and ``error_for_status`` maps a status back to a class.
+Every exception carries plain fields only (``status``, ``code``, ``message``, ``request_id``), so it
+pickles and crosses threads and processes. The local server answers with the same table: an exception's
+``status`` class attribute is its HTTP status, and ``error_for_status`` maps a status back to a class.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class InternalServerError(APIStatusError):
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {
-    cls.status: cls  # type: ignore[misc]
+    cls.status: cls
     for cls in (
         BadRequestError,
         AuthenticationError,

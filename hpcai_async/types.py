@@ -1,9 +1,10 @@
 """Every wire struct of the HPC-AI protocol, shared by the client and the local server (PROTOCOL.md §5-§7).
 
-Structs mirror the official SDK's models field for field, so ``print(result)`` reads like the reference output.
-Fields that exist only in our protocol extensions (``seq_id``, ``weight_decay`` …) default to ``UNSET`` and are
-never sent unless set. Tensor payloads (``TensorData.data``, ``EncodedTextChunk.tokens``) may hold a list, a numpy
-array or raw little-endian bytes; ``_tensor`` turns any of them into numpy without per-element Python work.
+Structs mirror the official SDK's models field for field, so ``print(result)`` reads like the reference
+output. Fields that exist only in our protocol extensions (``seq_id``, ``weight_decay``, ...) default to
+``UNSET`` and are never sent unless set. Tensor payloads (``TensorData.data``, ``EncodedTextChunk.tokens``)
+may hold a list, a numpy array or raw little-endian bytes; ``_tensor`` turns any of them into numpy without
+per-element Python work.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ _KEY_DTYPES: dict[str, TensorDtype] = {
 }
 
 
-# --------------------------------------------------------------------------------------------- tensors and inputs
+# ---------------------------------------------------------------------------------------- tensors and inputs
 
 
 class TensorData(Struct, kw_only=True, gc=False):
@@ -207,8 +208,9 @@ class ModelInput(Struct, kw_only=True):
 class Datum(Struct, kw_only=True):
     """One example: ``model_input`` and the loss function's per-token inputs.
 
-    Values of ``loss_fn_inputs`` may be given as TensorData, numpy arrays, torch tensors or plain lists (whose dtype
-    comes from the key: ``target_tokens`` int64, ``weights``/``advantages``/``logprobs`` float32).
+    Values of ``loss_fn_inputs`` may be given as TensorData, numpy arrays, torch tensors or plain lists
+    (whose dtype comes from the key: ``target_tokens`` int64; ``weights``, ``advantages``, ``logprobs``
+    float32).
     """
 
     loss_fn_inputs: dict[str, TensorData]
@@ -239,10 +241,12 @@ def _to_tensor_data(key: str, value: Any) -> TensorData:
                 "pass a numpy array or TensorData"
             )
         return TensorData(data=list(value), dtype=dtype, shape=[len(value)])
-    raise ValueError(f"loss_fn_inputs[{key!r}]: expected TensorData, an array or a list, got {type(value).__name__}")
+    raise ValueError(
+        f"loss_fn_inputs[{key!r}]: expected TensorData, an array or a list, got {type(value).__name__}"
+    )
 
 
-# --------------------------------------------------------------------------------------------- parameters
+# ---------------------------------------------------------------------------------------- parameters
 
 
 class LoraConfig(Struct, kw_only=True):
@@ -267,13 +271,13 @@ class AdamParams(Struct, kw_only=True):
 class SamplingParams(Struct, kw_only=True):
     max_tokens: int | None = None
     seed: int | None = None
-    stop: str | list[str] | list[int] | None = None
+    stop: str | list[str | int] | None = None  # msgspec cannot decode a union of two list types
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
 
 
-# --------------------------------------------------------------------------------------------- requests
+# ---------------------------------------------------------------------------------------- requests
 
 
 class ForwardBackwardInput(Struct, kw_only=True):
@@ -344,7 +348,7 @@ class FutureRetrieveRequest(Struct, kw_only=True):
     model_id: str | UnsetType = UNSET
 
 
-# --------------------------------------------------------------------------------------------- responses
+# ---------------------------------------------------------------------------------------- responses
 
 
 class UntypedAPIFuture(Struct, kw_only=True):
@@ -420,7 +424,7 @@ class SupportedModel(Struct, kw_only=True):
 
 class GetServerCapabilitiesResponse(Struct, kw_only=True):
     supported_models: list[SupportedModel]
-    # Protocol extensions the server understands, e.g. "seq_id", "msgpack" (ours; the hosted service sends none).
+    # Protocol extensions the server understands, e.g. "seq_id", "msgpack" (ours; the hosted service: none).
     features: list[str] = []
 
 
@@ -440,7 +444,7 @@ class SampleResponse(Struct, kw_only=True):
     prompt_logprobs: list[float | None] | None = None
 
 
-# --------------------------------------------------------------------------------------------- REST
+# ---------------------------------------------------------------------------------------- REST
 
 
 class Checkpoint(Struct, kw_only=True):
@@ -475,4 +479,3 @@ class Cursor(Struct, kw_only=True):
 class TrainingRunsResponse(Struct, kw_only=True):
     training_runs: list[TrainingRun]
     cursor: Cursor
-

@@ -1,0 +1,511 @@
+"""Futures, per-model ordering, idempotency, sample batching, and the one worker thread that runs the engine.
+
+How a request flows: a route validates it and calls ``submit`` (or ``submit_sample``) with a zero-argument
+function to run on the device; the scheduler answers with a ``Record`` (the future) at once. Work goes to the
+device queue, which one asyncio task drains in FIFO order, handing each job to a single-thread executor -- so
+the engine sees one call at a time, the event loop only awaits, and health checks and long-polls answer while
+the engine works.
+
+Ordering (per model): a request with a ``seq_id`` waits until every lower id of its model was released; the
+first id after ``create_model`` is 1 (PROTOCOL.md §4.2). If the next id does not arrive within
+``seq_gap_timeout_s`` of a later one waiting, the waiting requests fail with an error naming the missing id
+and the model continues after them. Requests without ``seq_id`` run in arrival order. Different models
+interleave on the device queue.
+
+Idempotency: a request whose ``X-Idempotency-Key`` -- or, for ordered requests, whose (model_id, seq_id) --
+was seen before gets the original future back (it is not run twice) when its route and body are
+byte-identical, and ``ConflictError`` (409) when they differ. Keys are remembered as long as their result is.
+
+Sampling: concurrent ``asample`` requests for the same (base model, adapter) join one open batch -- everything
+that queued up while the device was busy, plus a window of ``sample_window_s`` -- and run as one
+``engine.sample(jobs)`` call, capped at ``max_batch_sequences`` sequences.
+
+Results are kept ``retention_s`` after completion, or ``delivered_retention_s`` (5 min) after they were first
+handed out if that comes sooner: long enough for a client to fetch again an answer lost on the way, short
+enough that a training loop does not pile up every logprob tensor of the last hour. An expired id answers 410
+(a bounded set of expired ids tells them apart from ids never issued, which answer 404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import types
+from .._errors import APIError, BadRequestError, ConflictError, GoneError, NotFoundError
+from .engine_api import EngineAPI, SampleJob
+
+__all__ = ("ModelState", "Record", "Scheduler", "error_response")
+
+log = logging.getLogger("hpcai_async.server")
+
+_EXPIRED_IDS_KEPT = 100_000
+
+
+def error_response(exc: BaseException) -> types.ErrorResponse:
+    """The ``{error, message}`` of an exception: API errors by class name, bad values as BadRequestError."""
+    if isinstance(exc, APIError):
+        return types.ErrorResponse(error=type(exc).__name__, message=exc.message)
+    if isinstance(exc, ValueError | LookupError | TypeError):
+        return types.ErrorResponse(error="BadRequestError", message=str(exc) or type(exc).__name__)
+    return types.ErrorResponse(error="InternalServerError", message=f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(eq=False, slots=True)
+class Record:
+    """A future: one submitted request and, once done, its result or error."""
+
+    request_id: str
+    kind: str
+    model_id: str | None
+    fingerprint: bytes
+    idem_key: str | None = None
+    seq_id: int | None = None
+    result: Any = None
+    error: types.ErrorResponse | None = None
+    finished_at: float | None = None
+    delivered_at: float | None = None  # first time retrieve_future handed the result out
+    waiters: set[asyncio.Future[bool]] = field(default_factory=set)
+
+    @property
+    def done(self) -> bool:
+        return self.finished_at is not None
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    record: Record
+    fn: Callable[[], Any]
+    on_done: Callable[[Record], None] | None = None
+    on_release: Callable[[], None] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _SampleBatch:
+    key: tuple[str, str | None]
+    created: float
+    items: list[tuple[Record, SampleJob]] = field(default_factory=list)
+    sequences: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class ModelState:
+    """A model created on this server: its base model, LoRA config, status and ordering state."""
+
+    model_id: str
+    base_model: str
+    lora_config: types.LoraConfig
+    status: str = "creating"  # creating | ready | failed | unloading | unloaded
+    failure: str = ""
+    next_seq: int = 1
+    waiting: dict[int, _Job | None] = field(default_factory=dict)  # None: a rejected request's slot, skipped
+    seqs: dict[int, Record] = field(default_factory=dict)
+    rejected: dict[int, tuple[bytes, APIError]] = field(default_factory=dict)
+    gap_timer: asyncio.TimerHandle | None = None
+
+
+class Scheduler:
+    """See the module docstring: ``await start(engine_factory)`` on the server's loop, ``await stop()``."""
+
+    def __init__(
+        self,
+        *,
+        long_poll_s: float = 25.0,
+        retention_s: float = 3600.0,
+        seq_gap_timeout_s: float = 60.0,
+        sample_window_s: float = 0.002,
+        max_batch_sequences: int = 256,
+        delivered_retention_s: float = 300.0,
+    ) -> None:
+        self.long_poll_s = long_poll_s
+        self.retention_s = retention_s
+        self.seq_gap_timeout_s = seq_gap_timeout_s
+        self.sample_window_s = sample_window_s
+        self.max_batch_sequences = max_batch_sequences
+        self.delivered_retention_s = delivered_retention_s
+        self.engine: EngineAPI | None = None
+        self.models: dict[str, ModelState] = {}
+        self._records: dict[str, Record] = {}
+        self._by_key: dict[str, Record] = {}
+        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._open_batches: dict[tuple[str, str | None], _SampleBatch] = {}
+        self._waiters: set[asyncio.Future[bool]] = set()
+        self._queue: asyncio.Queue[_Job | _SampleBatch] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closing = False
+        self.busy = False  # the engine is running a job now (for tests and telemetry)
+
+    # -------------------------------------------------------------------------------------------- lifecycle
+
+    async def start(
+        self, engine_factory: Callable[[], EngineAPI], on_tick: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Start the device thread, build the engine on it, and start the worker and the expiry tasks."""
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="hpcai-device"
+        )
+        try:
+            self.engine = await self._loop.run_in_executor(self._executor, engine_factory)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            raise
+        self._tasks = [
+            asyncio.create_task(self._worker(), name="hpcai-server-worker"),
+            asyncio.create_task(self._reaper(on_tick), name="hpcai-server-reaper"),
+        ]
+
+    def wake_all(self) -> None:
+        """Answer every long-poll now (they see 'not done': try_again): the server is shutting down."""
+        self.closing = True
+        for waiter in list(self._waiters):
+            if not waiter.done():
+                waiter.set_result(False)
+
+    async def stop(self, close_engine: bool = True) -> None:
+        """Stop the tasks, let a running engine call finish, close the engine (if it has ``close`` and
+        ``close_engine``) and the device thread."""
+        self.wake_all()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for model in self.models.values():
+            if model.gap_timer is not None:
+                model.gap_timer.cancel()
+                model.gap_timer = None
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            assert self._loop is not None
+            engine, self.engine = self.engine, None
+            close = getattr(engine, "close", None) if close_engine else None
+            live = [
+                m.model_id for m in self.models.values() if m.status in ("creating", "ready", "unloading")
+            ]
+
+            def finish() -> None:
+                if callable(close):
+                    close()
+                elif engine is not None:
+                    # an engine we do not own (shared, e.g. across test servers): drop only our runs
+                    for model_id in live:
+                        if engine.has_run(model_id):
+                            with contextlib.suppress(Exception):
+                                engine.unload(model_id)
+
+            # Queued after any running call (one thread, FIFO): waits for it without blocking the loop.
+            await self._loop.run_in_executor(executor, finish)
+            executor.shutdown(wait=True)
+
+    # -------------------------------------------------------------------------------------------- records
+
+    def _new_record(
+        self, kind: str, model_id: str | None, fingerprint: bytes, idem_key: str | None
+    ) -> Record:
+        record = Record(request_id=str(uuid.uuid4()), kind=kind, model_id=model_id, fingerprint=fingerprint)
+        self._records[record.request_id] = record
+        if idem_key:
+            record.idem_key = idem_key
+            self._by_key[idem_key] = record
+        return record
+
+    def find_duplicate(
+        self, idem_key: str | None, fingerprint: bytes, model_id: str | None = None, seq_id: int | None = None
+    ) -> Record | None:
+        """The earlier future of the same request (by idempotency key, or model + seq_id), or None.
+
+        Raises ConflictError when the key or the seq_id was used for a different request.
+        """
+        record = self._by_key.get(idem_key) if idem_key else None
+        what = f"X-Idempotency-Key {idem_key!r}"
+        if record is None and model_id is not None and seq_id is not None:
+            model = self.models.get(model_id)
+            record = model.seqs.get(seq_id) if model is not None else None
+            what = f"seq_id {seq_id} of model {model_id}"
+            if model is not None and seq_id in model.rejected:
+                rejected_fingerprint, error = model.rejected[seq_id]
+                if rejected_fingerprint == fingerprint:
+                    raise error  # the same bad request again: the same answer
+                raise ConflictError(
+                    f"{what} was already used by a request that was rejected ({error.message}); "
+                    "use the next id"
+                )
+        if record is None:
+            return None
+        if record.fingerprint != fingerprint:
+            raise ConflictError(
+                f"{what} was already used for a different request (request {record.request_id}, "
+                f"{record.kind}); a retry must repeat the same body, and a new request needs a new "
+                f"{'key' if 'Key' in what else 'seq_id'}"
+            )
+        return record
+
+    def get(self, request_id: str) -> Record:
+        """The record of ``request_id``; NotFoundError if never issued, GoneError if its result expired."""
+        record = self._records.get(request_id)
+        if record is not None and self._expired_now(record, self._now()):
+            self._expire(record)
+            record = None
+        if record is None:
+            if request_id in self._expired:
+                raise GoneError(
+                    f"the result of request {request_id!r} expired: results are kept {self.retention_s:g} s "
+                    "after they complete; submit the request again"
+                )
+            raise NotFoundError(
+                f"unknown request_id {request_id!r}: no request with this id was submitted to this server "
+                "(or the server restarted since); submit the request again"
+            )
+        return record
+
+    async def wait(self, record: Record, timeout: float | None) -> bool:  # noqa: ASYNC109 (a long-poll)
+        """Wait until ``record`` is done (True) or ``timeout`` passes or the server shuts down (False)."""
+        if record.finished_at is not None:
+            return True
+        if self.closing:
+            return False
+        assert self._loop is not None
+        waiter: asyncio.Future[bool] = self._loop.create_future()
+        record.waiters.add(waiter)
+        self._waiters.add(waiter)
+        handle = None if timeout is None else self._loop.call_later(timeout, _resolve, waiter, False)
+        try:
+            return await waiter
+        finally:
+            if handle is not None:
+                handle.cancel()
+            record.waiters.discard(waiter)
+            self._waiters.discard(waiter)
+
+    def _finish(self, record: Record, outcome: Any) -> None:
+        if record.finished_at is not None:
+            return
+        if isinstance(outcome, BaseException):
+            record.error = error_response(outcome)
+            if not isinstance(outcome, APIError | ValueError | LookupError | TypeError):
+                log.error("request %s (%s) failed", record.request_id, record.kind, exc_info=outcome)
+        else:
+            record.result = outcome
+        record.finished_at = self._now()
+        for waiter in record.waiters:
+            _resolve(waiter, True)
+
+    def _expired_now(self, record: Record, now: float) -> bool:
+        if record.finished_at is None:
+            return False
+        if record.delivered_at is not None and now - record.delivered_at > self.delivered_retention_s:
+            return True
+        return now - record.finished_at > self.retention_s
+
+    def delivered(self, record: Record) -> None:
+        """``record``'s result was handed out: from now on it is kept only ``delivered_retention_s``."""
+        if record.delivered_at is None:
+            record.delivered_at = self._now()
+
+    def _expire(self, record: Record) -> None:
+        self._records.pop(record.request_id, None)
+        self._expired[record.request_id] = None
+        while len(self._expired) > _EXPIRED_IDS_KEPT:
+            self._expired.popitem(last=False)
+        if record.idem_key and self._by_key.get(record.idem_key) is record:
+            del self._by_key[record.idem_key]
+        if record.model_id is not None and record.seq_id is not None:
+            model = self.models.get(record.model_id)
+            if model is not None and model.seqs.get(record.seq_id) is record:
+                del model.seqs[record.seq_id]
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    async def _reaper(self, on_tick: Callable[[], Awaitable[None]] | None) -> None:
+        interval = max(0.05, min(self.retention_s / 2, self.delivered_retention_s / 2, 30.0))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                now = self._now()
+                for record in [r for r in self._records.values() if self._expired_now(r, now)]:
+                    self._expire(record)
+                if on_tick is not None:
+                    await on_tick()
+            except Exception:  # keep expiring: a failed tick must not stop the reaper
+                log.exception("the expiry task failed once")
+
+    # -------------------------------------------------------------------------------------------- submitting
+
+    def submit(
+        self,
+        kind: str,
+        fn: Callable[[], Any],
+        *,
+        fingerprint: bytes,
+        idem_key: str | None = None,
+        model_id: str | None = None,
+        seq_id: int | None = None,
+        ordered: bool = False,
+        on_done: Callable[[Record], None] | None = None,
+        on_release: Callable[[], None] | None = None,
+    ) -> Record:
+        """Queue ``fn`` (run on the device thread); ``ordered`` jobs go through their model's sequence.
+
+        Call ``find_duplicate`` first: this always creates a new record. Raises BadRequestError for a seq_id
+        the model has already passed.
+        """
+        model = self.models.get(model_id) if ordered and model_id is not None else None
+        if model is not None and seq_id is not None and seq_id < model.next_seq:
+            raise BadRequestError(
+                f"seq_id {seq_id} of model {model_id} is behind the model's sequence, which is at "
+                f"{model.next_seq}: that id ran already, or was skipped after a gap timed out; use the next "
+                "id"
+            )
+        record = self._new_record(kind, model_id, fingerprint, idem_key)
+        job = _Job(record, fn, on_done, on_release)
+        if model is None or seq_id is None:
+            self._release(job)
+            return record
+        record.seq_id = seq_id
+        model.seqs[seq_id] = record
+        model.waiting[seq_id] = job
+        self._advance(model)
+        return record
+
+    def skip_seq(self, model_id: str, seq_id: int, fingerprint: bytes, error: APIError) -> None:
+        """A request with ``seq_id`` was rejected before queueing: its turn in the sequence passes, no work.
+
+        Without this, the model's later requests would wait for that id until the gap timeout.
+        """
+        model = self.models.get(model_id)
+        if model is None or seq_id < model.next_seq or seq_id in model.waiting or seq_id in model.seqs:
+            return
+        model.rejected[seq_id] = (fingerprint, error)
+        model.waiting[seq_id] = None
+        self._advance(model)
+
+    def _release(self, job: _Job) -> None:
+        assert self._queue is not None
+        if job.on_release is not None:
+            job.on_release()
+        self._queue.put_nowait(job)
+
+    def _advance(self, model: ModelState) -> None:
+        """Release the model's waiting jobs that are next in order; (re)arm the gap timer for what remains."""
+        released = False
+        while model.next_seq in model.waiting:
+            job = model.waiting.pop(model.next_seq)
+            model.next_seq += 1
+            released = True
+            if job is not None:
+                self._release(job)
+        if (released or not model.waiting) and model.gap_timer is not None:
+            model.gap_timer.cancel()
+            model.gap_timer = None
+        if model.waiting and model.gap_timer is None:
+            assert self._loop is not None
+            model.gap_timer = self._loop.call_later(
+                self.seq_gap_timeout_s, self._gap_expired, model, model.next_seq
+            )
+
+    def _gap_expired(self, model: ModelState, missing: int) -> None:
+        model.gap_timer = None
+        if model.next_seq != missing or not model.waiting:
+            return
+        ids = sorted(model.waiting)
+        error = BadRequestError(
+            f"seq_id {missing} of model {model.model_id} never arrived within {self.seq_gap_timeout_s:g} "
+            f"s, so the requests queued behind it (seq_id {ids[0]}..{ids[-1]}) did not run; the model "
+            f"continues with seq_id {ids[-1] + 1}"
+        )
+        for seq in ids:
+            job = model.waiting.pop(seq)
+            if job is not None:
+                self._finish(job.record, error)
+        model.next_seq = ids[-1] + 1
+
+    def submit_sample(self, job: SampleJob, *, fingerprint: bytes, idem_key: str | None = None) -> Record:
+        """Queue a sampling request: it joins the open batch of its (base model, adapter) if there is room."""
+        assert self._queue is not None
+        record = self._new_record("sample", None, fingerprint, idem_key)
+        key = (job.base_model, None if job.adapter_dir is None else str(job.adapter_dir))
+        n = job.num_samples
+        batch = self._open_batches.get(key)
+        if batch is None or batch.sequences + n > self.max_batch_sequences:
+            batch = _SampleBatch(key=key, created=self._now())
+            self._open_batches[key] = batch
+            self._queue.put_nowait(batch)
+        batch.items.append((record, job))
+        batch.sequences += n
+        return record
+
+    # -------------------------------------------------------------------------------------------- the worker
+
+    async def _worker(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        while True:
+            item = await queue.get()
+            try:
+                await self._run_item(item)
+            except Exception:  # a bug here must not stop the device queue
+                log.exception("the device worker failed on %r", item)
+
+    async def _run_item(self, item: _Job | _SampleBatch) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        if isinstance(item, _SampleBatch):
+            await self._run_batch(item)
+            return
+        self.busy = True
+        try:
+            outcome: Any = await loop.run_in_executor(self._executor, item.fn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outcome = exc
+        finally:
+            self.busy = False
+        self._finish(item.record, outcome)
+        if item.on_done is not None:
+            try:
+                item.on_done(item.record)
+            except Exception:
+                log.exception("on_done of request %s failed", item.record.request_id)
+
+    async def _run_batch(self, batch: _SampleBatch) -> None:
+        assert self._loop is not None and self.engine is not None
+        delay = batch.created + self.sample_window_s - self._now()
+        if delay > 0:
+            await asyncio.sleep(delay)  # a moment for requests sent together to join
+        if self._open_batches.get(batch.key) is batch:
+            del self._open_batches[batch.key]
+        jobs = [job for _, job in batch.items]
+        self.busy = True
+        try:
+            outcomes: list[Any] = await self._loop.run_in_executor(self._executor, self.engine.sample, jobs)
+            if len(outcomes) != len(jobs):
+                raise RuntimeError(f"engine.sample returned {len(outcomes)} results for {len(jobs)} jobs")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outcomes = [exc] * len(jobs)
+        finally:
+            self.busy = False
+        for (record, _), outcome in zip(batch.items, outcomes, strict=True):
+            self._finish(record, outcome)
+
+
+def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)

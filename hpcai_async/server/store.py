@@ -1,0 +1,400 @@
+"""Runs and checkpoints on disk: atomic writes, the REST listings, checkpoint paths, and tar.gz archives.
+
+Layout of a store folder (everything survives a restart; a new server on the same folder lists it all)::
+
+    runs/{run_id}/run.json                                   base model, LoRA config, owner, times
+    runs/{run_id}/checkpoints/{checkpoint_id}/meta.json      kind, time, path, what the files hold
+    runs/{run_id}/checkpoints/{checkpoint_id}/...            the engine's files (safetensors + JSON)
+    tmp/                                                     work folders; emptied when a store opens
+
+Checkpoint ids and paths follow the hosted service (PROTOCOL.md §5.8): ``save_weights(name)`` makes
+``{name}_training`` at ``hpcai://{run}/weights/{name}_training``; ``save_weights_for_sampler(name)`` makes
+``{name}_sampler`` at ``hpcai://{run}/sampler_weights/{name}_sampler``. The SDK's own form
+``hpcai://{run}/training|sampler/{id}`` is accepted too.
+
+Writes are atomic. A checkpoint is written into a folder under ``tmp/`` (same file system), every file and the
+folder are fsynced, then the folder is renamed into place. Saving under a name that exists replaces the old
+checkpoint, as the hosted service does: the old folder is first renamed away into ``tmp/``, then the new one
+is renamed in. A crash between the two renames leaves no checkpoint of that name (never a half-written or
+mixed one), and whatever is left in ``tmp/`` is deleted the next time the store opens. JSON files are written
+to a temporary name, fsynced and ``os.replace``-d."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+import uuid
+import zlib
+from collections.abc import Generator
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from .. import types
+from .._errors import BadRequestError, NotFoundError
+
+__all__ = (
+    "CheckpointMeta",
+    "CheckpointRef",
+    "RunRecord",
+    "Store",
+    "checkpoint_id_for",
+    "checkpoint_path_for",
+    "parse_checkpoint_path",
+    "utcnow",
+)
+
+SCHEME = "hpcai://"
+# URI segment per checkpoint kind, as the hosted service writes them; the SDK's own segments are accepted too.
+_SEGMENTS = {"training": "weights", "sampler": "sampler_weights"}
+_SEGMENT_KIND = {
+    "weights": "training",
+    "training": "training",
+    "sampler_weights": "sampler",
+    "sampler": "sampler",
+}
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_ARCHIVE_CHUNK = 1 << 20
+
+
+def utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+class RunRecord(msgspec.Struct, kw_only=True):
+    """``run.json``: one training run (the same id as the model id ``create_model`` returned)."""
+
+    run_id: str
+    base_model: str
+    lora_config: types.LoraConfig
+    owner: str
+    created: _dt.datetime
+    last_request_time: _dt.datetime
+    corrupted: bool = False
+
+
+class CheckpointMeta(msgspec.Struct, kw_only=True):
+    """``meta.json`` of one checkpoint."""
+
+    checkpoint_id: str
+    checkpoint_type: Literal["training", "sampler"]
+    time: _dt.datetime
+    checkpoint_path: str
+    run_id: str
+    base_model: str
+    lora_config: types.LoraConfig
+    name: str
+    step: int | None = None
+
+    def to_wire(self) -> types.Checkpoint:
+        return types.Checkpoint(
+            checkpoint_id=self.checkpoint_id,
+            checkpoint_type=self.checkpoint_type,
+            time=self.time,
+            checkpoint_path=self.checkpoint_path,
+        )
+
+
+class CheckpointRef(msgspec.Struct, frozen=True):
+    """A checkpoint found on disk: its metadata and its folder."""
+
+    meta: CheckpointMeta
+    directory: Path
+
+
+def checkpoint_id_for(name: str, kind: str) -> str:
+    """``initial`` + ``training`` -> ``initial_training`` (the hosted service's ids)."""
+    return f"{name}_{kind}"
+
+
+def checkpoint_path_for(run_id: str, checkpoint_id: str, kind: str) -> str:
+    return f"{SCHEME}{run_id}/{_SEGMENTS[kind]}/{checkpoint_id}"
+
+
+def check_name(name: str, field: str = "path") -> str:
+    """A checkpoint name given by a user, or BadRequestError saying what is allowed."""
+    if not _NAME_RE.fullmatch(name) or ".." in name:
+        raise BadRequestError(
+            f"{field}: {name!r} is not a valid checkpoint name; use 1-200 letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, no '/'), e.g. 'step-100'"
+        )
+    return name
+
+
+def parse_checkpoint_path(path: str, field: str = "path") -> tuple[str, str | None, str]:
+    """``hpcai://{run}/{segment}/{checkpoint_id}`` -> (run_id, kind, checkpoint_id); 400 if malformed."""
+    example = "hpcai://<run id>/weights/<name>_training or hpcai://<run id>/sampler_weights/<name>_sampler"
+    if not isinstance(path, str) or not path.startswith(SCHEME):
+        raise BadRequestError(f"{field}: {path!r} is not a checkpoint path; expected {example}")
+    parts = path[len(SCHEME) :].split("/", 2)
+    if len(parts) != 3 or not all(parts):
+        raise BadRequestError(f"{field}: {path!r} is malformed; expected {example}")
+    run_id, segment, ckpt = parts
+    if segment not in _SEGMENT_KIND:
+        raise BadRequestError(
+            f"{field}: {path!r} has an unknown kind {segment!r}; expected one of "
+            f"{', '.join(sorted(_SEGMENT_KIND))} ({example})"
+        )
+    if not _RUN_ID_RE.fullmatch(run_id) or not _NAME_RE.fullmatch(ckpt) or ".." in ckpt:
+        raise BadRequestError(f"{field}: {path!r} is malformed; expected {example}")
+    return run_id, _SEGMENT_KIND[segment], ckpt
+
+
+_run_decoder = msgspec.json.Decoder(RunRecord)
+_meta_decoder = msgspec.json.Decoder(CheckpointMeta)
+_encoder = msgspec.json.Encoder()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    data = msgspec.json.format(_encoder.encode(obj), indent=2)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+class Store:
+    """The runs and checkpoints of one server, in ``root`` (a temporary folder, deleted on close, if None).
+
+    Thread-safe: the event loop lists and deletes, the device worker thread commits checkpoints.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self._owned = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="hpcai-async-store-") if root is None else root).resolve()
+        self.runs_dir = self.root / "runs"
+        self.tmp_dir = self.root / "tmp"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        # Leftovers of an interrupted save or delete: never valid checkpoints, so they go.
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._runs: dict[str, RunRecord] = {}
+        self._dirty: set[str] = set()
+        for run_dir in self.runs_dir.iterdir():
+            try:
+                run = _run_decoder.decode((run_dir / "run.json").read_bytes())
+            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+                continue  # not a run (or a run.json from an interrupted first write): skip it
+            self._runs[run.run_id] = run
+
+    def close(self) -> None:
+        self.flush()
+        if self._owned:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------ runs
+
+    def add_run(self, run: RunRecord) -> None:
+        run_dir = self.runs_dir / run.run_id
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(run_dir / "run.json", run)
+        with self._lock:
+            self._runs[run.run_id] = run
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        with self._lock:
+            return self._runs.get(run_id)
+
+    def touch(self, run_id: str) -> None:
+        """Record a request to ``run_id`` now (written to disk by the next ``flush``)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.last_request_time = utcnow()
+                self._dirty.add(run_id)
+
+    def flush(self) -> None:
+        """Write the runs whose last_request_time changed since the last flush."""
+        with self._lock:
+            dirty = [self._runs[r] for r in self._dirty if r in self._runs]
+            self._dirty.clear()
+        for run in dirty:
+            with contextlib.suppress(OSError):  # a best-effort timestamp; the run itself is already on disk
+                _write_json_atomic(self.runs_dir / run.run_id / "run.json", run)
+
+    def list_runs(self, limit: int, offset: int) -> tuple[list[RunRecord], int]:
+        """Runs newest first (by creation), ``limit`` of them from ``offset``; and the total count."""
+        with self._lock:
+            runs = sorted(self._runs.values(), key=lambda r: (r.created, r.run_id), reverse=True)
+        return runs[offset : offset + limit], len(runs)
+
+    def training_run(self, run: RunRecord) -> types.TrainingRun:
+        ckpts = self.list_checkpoints(run.run_id)
+        last = {
+            kind: next((c for c in reversed(ckpts) if c.checkpoint_type == kind), None) for kind in _SEGMENTS
+        }
+        return types.TrainingRun(
+            training_run_id=run.run_id,
+            base_model=run.base_model,
+            model_owner=run.owner,
+            is_lora=True,
+            corrupted=run.corrupted,
+            lora_rank=run.lora_config.rank,
+            last_request_time=run.last_request_time,
+            last_checkpoint=last["training"],
+            last_sampler_checkpoint=last["sampler"],
+        )
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+
+    def _run_dir(self, run_id: str) -> Path:
+        if not _RUN_ID_RE.fullmatch(run_id) or self.get_run(run_id) is None:
+            raise NotFoundError(
+                f"training run {run_id!r} does not exist on this server; list the runs with "
+                "GET /api/v1/training_runs"
+            )
+        return self.runs_dir / run_id
+
+    def new_work_dir(self) -> Path:
+        """An empty folder under ``tmp/`` for the engine to save into (then ``commit_checkpoint`` it)."""
+        return Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix="save-"))
+
+    def commit_checkpoint(self, work_dir: Path, meta: CheckpointMeta) -> None:
+        """Make ``work_dir`` (filled by the engine) the checkpoint ``meta`` describes, atomically."""
+        _write_json_atomic(work_dir / "meta.json", meta)
+        _fsync_tree(work_dir)
+        parent = self._run_dir(meta.run_id) / "checkpoints"
+        parent.mkdir(exist_ok=True)
+        dest = parent / meta.checkpoint_id
+        with self._lock:  # one replace at a time, so two saves of one name cannot interleave their renames
+            if dest.exists():
+                trash = self.tmp_dir / f"old-{uuid.uuid4().hex}"
+                os.rename(dest, trash)
+                os.rename(work_dir, dest)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(work_dir, dest)
+        _fsync_dir(parent)
+
+    def discard_work_dir(self, work_dir: Path) -> None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    def list_checkpoints(self, run_id: str) -> list[types.Checkpoint]:
+        """The run's checkpoints, oldest first."""
+        parent = self._run_dir(run_id) / "checkpoints"
+        out: list[CheckpointMeta] = []
+        try:
+            entries = list(parent.iterdir())
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            try:
+                out.append(_meta_decoder.decode((entry / "meta.json").read_bytes()))
+            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+                continue
+        out.sort(key=lambda m: (m.time, m.checkpoint_id))
+        return [m.to_wire() for m in out]
+
+    def get_checkpoint(self, run_id: str, checkpoint_id: str) -> CheckpointRef:
+        """The checkpoint ``checkpoint_id`` of ``run_id``, or NotFoundError naming what exists."""
+        run_dir = self._run_dir(run_id)
+        if _NAME_RE.fullmatch(checkpoint_id) and ".." not in checkpoint_id:
+            directory = run_dir / "checkpoints" / checkpoint_id
+            try:
+                meta = _meta_decoder.decode((directory / "meta.json").read_bytes())
+            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+                pass
+            else:
+                return CheckpointRef(meta, directory)
+        have = [c.checkpoint_id for c in self.list_checkpoints(run_id)]
+        raise NotFoundError(
+            f"checkpoint {checkpoint_id!r} of run {run_id!r} does not exist; "
+            + (f"the run has {', '.join(have)}" if have else "the run has no checkpoints")
+        )
+
+    def resolve(self, path: str, field: str = "path") -> CheckpointRef:
+        """The checkpoint an ``hpcai://`` path names (either form); 400 if malformed, 404 if unknown."""
+        run_id, kind, ckpt = parse_checkpoint_path(path, field)
+        if self.get_run(run_id) is None:
+            raise NotFoundError(
+                f"{field}: {path!r} names training run {run_id!r}, which does not exist on this server"
+            )
+        try:
+            ref = self.get_checkpoint(run_id, ckpt)
+        except NotFoundError:
+            # the SDK's form hpcai://run/training/step1 names what the hosted service calls step1_training
+            if kind is None or ckpt.endswith(f"_{kind}"):
+                raise
+            try:
+                ref = self.get_checkpoint(run_id, checkpoint_id_for(ckpt, kind))
+            except NotFoundError as exc:
+                raise NotFoundError(f"{field}: {path!r} does not exist: {exc.message}") from None
+        if kind is not None and ref.meta.checkpoint_type != kind:
+            raise NotFoundError(
+                f"{field}: {path!r} names a {kind} checkpoint but {ref.meta.checkpoint_id!r} is a "
+                f"{ref.meta.checkpoint_type} checkpoint at {ref.meta.checkpoint_path}"
+            )
+        return ref
+
+    def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
+        ref = self.get_checkpoint(run_id, checkpoint_id)
+        trash = self.tmp_dir / f"del-{uuid.uuid4().hex}"
+        with self._lock:
+            os.rename(ref.directory, trash)  # gone from listings at once; the files go below
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # ----------------------------------------------------------------------------------------------- archives
+
+    def iter_archive(self, ref: CheckpointRef, level: int = 6) -> Generator[bytes, None, None]:
+        """The checkpoint folder as a gzip-compressed tar, in chunks (never all of it in memory at once).
+
+        Entries are the checkpoint's files at the top level of the archive (``adapter_model.safetensors``, …).
+        """
+        comp = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip header and trailer
+        files = sorted(p for p in ref.directory.rglob("*") if p.is_file())
+        for file in files:
+            st = file.stat()
+            info = tarfile.TarInfo(file.relative_to(ref.directory).as_posix())
+            info.size = st.st_size
+            info.mtime = int(st.st_mtime)
+            info.mode = 0o644
+            out = comp.compress(info.tobuf(format=tarfile.PAX_FORMAT))
+            written = 0
+            with open(file, "rb") as f:
+                while written < info.size and (block := f.read(min(_ARCHIVE_CHUNK, info.size - written))):
+                    written += len(block)
+                    out += comp.compress(block)
+                    if len(out) >= _ARCHIVE_CHUNK:
+                        yield out
+                        out = b""
+            if written != info.size:
+                raise OSError(f"{file} changed size while it was archived")
+            out += comp.compress(b"\0" * (-info.size % tarfile.BLOCKSIZE))
+            if out:
+                yield out
+        yield comp.compress(b"\0" * (2 * tarfile.BLOCKSIZE)) + comp.flush()
