@@ -1,0 +1,540 @@
+"""The transport: one aiohttp session per ServiceClient, auth, codecs, retries, and long-polled futures.
+
+Wire rules (PROTOCOL.md §1, §3, §4) live here and nowhere else:
+
+* every request carries ``X-API-Key``, ``Accept`` and ``User-Agent: hpcai_async/<version>``; a non-GET request
+  carries an ``X-Idempotency-Key`` that stays the same across its retries;
+* connection errors, 408, 409, 429 and 5xx are retried (``x-should-retry`` overrides the status rule) with
+  exponential backoff and jitter, or after ``retry-after-ms`` / ``Retry-After`` when the server says so, for
+  at most ``retry_timeout`` seconds in all (300 s, as the official client) -> ``RetryBudgetExceededError``;
+* a 429 on a sampling request is backpressure: it opens a short window, shared by every sampler of the
+  ServiceClient, in which no sampling request is sent;
+* futures are polled with ``retrieve_future`` from the moment they exist: at once again after a server
+  long-poll, after a pause of about a fifth of the time waited so far when the server answers ``try_again``
+  quickly (so the added latency stays within ~20 %), with backoff on failures;
+* bodies are JSON, or MessagePack with raw tensor bytes when the server lists ``"msgpack"`` in its
+  capabilities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import itertools
+import math
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+import aiohttp
+import msgspec
+
+from . import _tensor
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    NotFoundError,
+    RequestFailedError,
+    RetryBudgetExceededError,
+    error_for_status,
+)
+from ._loop import LoopBinding, close_at_exit
+from ._version import __version__
+from .types import FutureRetrieveRequest, GetServerCapabilitiesResponse
+
+__all__ = ("DEFAULT_BASE_URL", "Transport")
+
+T = TypeVar("T")
+
+DEFAULT_BASE_URL = "https://www.hpc-ai.com/finetunesdk"  # the HPC-AI README's value (PROTOCOL.md §1.1)
+USER_AGENT = f"hpcai_async/{__version__}"
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+
+CONNECT_TIMEOUT = 5.0  # s, as the official client (PROTOCOL.md §1.4)
+POLL_READ_TIMEOUT = 45.0  # s, the official client's retrieve_future timeout (§3.2)
+RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx (§1.4)
+BACKOFF_BASE = 0.25  # s: first retry after 0.19-0.25 s, doubling ...
+BACKOFF_CAP = 10.0  # s: ... up to 10 s (the Stainless layer's cap)
+RETRY_AFTER_MAX = 60.0  # s: a Retry-After beyond this is ignored, as in the official client
+SAMPLE_BACKOFF = 1.0  # s: the sampling backpressure window after a 429 without Retry-After (§6.6)
+POLL_PAUSE_FRACTION = 0.2  # pause after a quick try_again: this share of the time waited so far ...
+POLL_PAUSE_MIN = 0.001  # ... but at least 1 ms ...
+POLL_PAUSE_MAX = 1.0  # ... and at most 1 s
+
+CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+
+_JSON_ENCODER = msgspec.json.Encoder(enc_hook=_tensor.json_enc_hook)
+_MSGPACK_ENCODER = msgspec.msgpack.Encoder(enc_hook=_tensor.msgpack_enc_hook)
+
+
+class _Probe(msgspec.Struct):
+    """The fields that tell a retrieve_future answer apart: try_again, an error, or the result."""
+
+    type: Any = None
+    error: Any = None
+    message: Any = None
+    queue_state: Any = None
+
+
+_DECODERS: dict[tuple[bool, Any], msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]] = {}
+
+
+def decode(payload: bytes, content_type: str, tp: type[T]) -> T:
+    """Decode a response body (JSON or MessagePack, by its content type) into ``tp``."""
+    msgpack = content_type == MSGPACK
+    decoder = _DECODERS.get((msgpack, tp))
+    if decoder is None:  # one reusable decoder per type and format
+        decoder = _DECODERS[msgpack, tp] = (
+            msgspec.msgpack.Decoder(tp) if msgpack else msgspec.json.Decoder(tp)
+        )
+    try:
+        result: T = decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise APIError(f"unexpected response from the server for {tp.__name__}: {exc}") from None
+    return result
+
+
+def backoff_delay(attempt: int) -> float:
+    """Exponential backoff with jitter: ``min(base * 2**attempt, cap)`` times a factor in [0.75, 1]."""
+    return min(BACKOFF_BASE * 2.0**attempt, BACKOFF_CAP) * random.uniform(0.75, 1.0)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """The server's ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), if within (0, 60] s."""
+    value: float | None = None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            value = float(ms) / 1000.0
+        except ValueError:
+            value = None
+    if value is None and (raw := headers.get("retry-after")) is not None:
+        try:
+            value = float(raw)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(raw)
+            except (TypeError, ValueError):
+                return None
+            value = when.timestamp() - time.time()
+    if value is None or not 0.0 < value <= RETRY_AFTER_MAX:
+        return None
+    return value
+
+
+def _server_message(payload: bytes, content_type: str) -> tuple[str, str | None]:
+    """The message and error code of an error body, whatever its shape."""
+    try:
+        body = msgspec.msgpack.decode(payload) if content_type == MSGPACK else msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        text = payload[:500].decode("utf-8", "replace").strip()
+        return text or "(empty body)", None
+    if isinstance(body, dict):
+        code = body.get("error") if isinstance(body.get("error"), str) else None
+        for field in ("message", "detail", "error"):
+            if (value := body.get(field)) is not None:
+                return (value if isinstance(value, str) else msgspec.json.encode(value).decode()), code
+    return msgspec.json.encode(body).decode()[:500], None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _RawBody(aiohttp.BytesPayload):
+    """An encoded body, sent as it is.
+
+    aiohttp warns about ``bytes`` bodies over 1 MiB (as if writing them could block the loop); writing to a
+    socket transport only buffers them, and a batch of tensors is often larger than that.
+    """
+
+    def __init__(self, value: bytes, content_type: str) -> None:
+        aiohttp.payload.Payload.__init__(self, value, content_type=content_type)
+        self._size = len(value)
+
+
+class _Retryable(Exception):
+    def __init__(self, failure: str, hint: float | None, status: int | None) -> None:
+        super().__init__(failure)
+        self.failure = failure
+        self.hint = hint
+        self.status = status
+
+
+class Transport:
+    """One keep-alive session to one service, shared by a ServiceClient and all the clients it creates."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        connection_limit: int = 100,
+        retry_timeout: float = 300.0,
+        request_timeout: float = 60.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/") + "/"
+        self.api_url = self.base_url + "api/v1/"
+        self.connection_limit = connection_limit
+        self.retry_timeout = retry_timeout
+        self.request_timeout = request_timeout
+        self.session_id = str(uuid.uuid4())
+        self.binding = LoopBinding(on_bind=self._bound, on_rebind=self._forget_loop)
+        self.closed = False
+        self._headers = {"X-API-Key": api_key, "User-Agent": USER_AGENT, "Accept": JSON}
+        for env, header in (
+            ("CLOUDFLARE_ACCESS_CLIENT_ID", "CF-Access-Client-Id"),
+            ("CLOUDFLARE_ACCESS_CLIENT_SECRET", "CF-Access-Client-Secret"),
+        ):
+            if value := os.environ.get(env):
+                self._headers[header] = value
+        self._headers.update(headers or {})
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._unordered = itertools.count(1)
+        self._training_clients = itertools.count(0)
+        self._sample_backoff_until = 0.0
+        self._rtt = math.inf  # shortest recent retrieve_future round trip (to tell long-polls apart)
+        self._caps: GetServerCapabilitiesResponse | None = None
+        self._features: frozenset[str] | None = None
+        self._caps_task: asyncio.Task[GetServerCapabilitiesResponse] | None = None
+        self._shutdown_hook: tuple[AsyncIterator[None], asyncio.Future[None]] | None = None
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+
+    def _forget_loop(self) -> None:
+        # the old loop is closed: its session and tasks died with it
+        self._session = None
+        self._tasks = set()
+        self._caps_task = None
+
+    def _bound(self, loop: asyncio.AbstractEventLoop, private: bool) -> None:
+        if private:
+            close_at_exit(self)
+            return
+
+        # A loop of the caller's: close the session when that loop shuts down (asyncio.run and asyncio.Runner
+        # finalize async generators before closing the loop), so a client used without ``async with`` leaves
+        # no open connection behind and can bind to the next loop.
+        async def on_loop_shutdown() -> AsyncIterator[None]:
+            try:
+                yield
+            finally:
+                session, self._session = self._session, None
+                if session is not None:
+                    await session.close()
+
+        hook = on_loop_shutdown()
+        self._shutdown_hook = (hook, asyncio.ensure_future(hook.__anext__(), loop=loop))
+
+    def session(self) -> aiohttp.ClientSession:
+        if self.closed:
+            raise APIConnectionError("this ServiceClient is closed")
+        session = self._session
+        if session is None:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.connection_limit),
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=CONNECT_TIMEOUT, sock_read=self.request_timeout
+                ),
+            )
+            self._session = session
+        return session
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        """Start a background task that ``aclose`` cancels."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def aclose(self) -> None:
+        self.closed = True
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._caps_task is not None and not self._caps_task.done():
+            self._caps_task.cancel()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # ----------------------------------------------------------------------------------------- keys, features
+
+    def training_client_index(self) -> int:
+        return next(self._training_clients)
+
+    def unordered_key(self) -> str:
+        """``{session}:unordered:{n}``, n from 1 per ServiceClient: the key of a sampling request (§4.1)."""
+        return f"{self.session_id}:unordered:{next(self._unordered)}"
+
+    @staticmethod
+    def auto_key() -> str:
+        """A fresh key for any other non-GET request (the official client's form)."""
+        # a random version-4 UUID without a system call per key (uuid4 reads os.urandom)
+        return f"stainless-python-retry-{uuid.UUID(int=random.getrandbits(128), version=4)}"
+
+    async def capabilities(self) -> GetServerCapabilitiesResponse:
+        """``GET get_server_capabilities``, fetched once per ServiceClient and cached."""
+        if self.closed:
+            raise APIConnectionError("this ServiceClient is closed")
+        if self._caps is not None:
+            return self._caps
+        task = self._caps_task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._caps_task = asyncio.get_running_loop().create_task(
+                self.request("GET", "get_server_capabilities", GetServerCapabilitiesResponse)
+            )
+        caps = await asyncio.shield(task)
+        self._caps = caps
+        self._features = frozenset(caps.features)
+        return caps
+
+    @property
+    def seq_mode(self) -> bool:
+        """Whether the server orders training requests by their ``seq_id`` (known after the first request)."""
+        return self._features is not None and "seq_id" in self._features
+
+    async def features(self) -> frozenset[str]:
+        """The protocol extensions the server advertises (none for the hosted service)."""
+        if self._features is not None:
+            return self._features
+        try:
+            await self.capabilities()
+        except NotFoundError:
+            self._features = frozenset()  # a server without the endpoint speaks the plain protocol
+        assert self._features is not None
+        return self._features
+
+    # ----------------------------------------------------------------------------------------- requests
+
+    def url(self, path: str) -> str:
+        return self.api_url + path
+
+    def encode(self, body: Any, msgpack: bool) -> tuple[bytes, str]:
+        if msgpack:
+            return _MSGPACK_ENCODER.encode(body), MSGPACK
+        return _JSON_ENCODER.encode(body), JSON
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        result: type[T],
+        *,
+        body: Any = None,
+        params: Mapping[str, str | int] | None = None,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        backpressure: bool = False,
+    ) -> T:
+        """Send a request (with retries) and decode its answer into ``result``.
+
+        ``body`` is encoded as MessagePack when the server advertised it, else as JSON. ``key`` is the
+        idempotency key (a fresh one is made for non-GET requests without one).
+        """
+        payload, content_type = await self.call(
+            method, path, body=body, params=params, key=key, headers=headers, backpressure=backpressure
+        )
+        return decode(payload, content_type, result)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str | int] | None = None,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        backpressure: bool = False,
+    ) -> tuple[bytes, str]:
+        """Send a request with retries; return the body and content type of the successful answer."""
+        session = self.session()
+        msgpack = self._features is not None and "msgpack" in self._features
+        all_headers: dict[str, str] = dict(headers or {})
+        data: bytes | None = None
+        if body is not None:
+            data, all_headers["Content-Type"] = self.encode(body, msgpack)
+        if msgpack:
+            all_headers["Accept"] = f"{MSGPACK}, {JSON};q=0.9"
+        if method != "GET":
+            all_headers["X-Idempotency-Key"] = key or self.auto_key()
+        url = self.url(path)
+
+        async def attempt() -> tuple[bytes, str]:
+            body = None if data is None else _RawBody(data, all_headers["Content-Type"])
+            async with session.request(method, url, data=body, params=params, headers=all_headers) as resp:
+                payload = await resp.read()
+                if resp.status < 300:
+                    return payload, resp.content_type
+                raise self.failure(method, path, resp, payload)
+
+        return await self.retrying(attempt, f"{method} {path}", backpressure=backpressure)
+
+    def failure(self, method: str, path: str, resp: aiohttp.ClientResponse, payload: bytes) -> Exception:
+        """The exception for an error answer: ``_Retryable`` or the final ``APIStatusError``."""
+        status = resp.status
+        should = resp.headers.get("x-should-retry", "").lower()
+        retryable = should == "true" or (should != "false" and (status in RETRY_STATUSES or status >= 500))
+        message, code = _server_message(payload, resp.content_type)
+        if retryable:
+            return _Retryable(f"HTTP {status} ({message})", retry_after(resp.headers), status)
+        return error_for_status(status)(
+            f"{method} {path}: HTTP {status}: {message}", status=status, code=code
+        )
+
+    async def retrying(
+        self, attempt: Callable[[], Awaitable[T]], what: str, *, backpressure: bool = False
+    ) -> T:
+        """Run ``attempt`` until it succeeds, fails for good, or the retry budget is spent."""
+        start = time.monotonic()
+        tries = 0
+        while True:
+            if backpressure:
+                await self.sampling_window()
+            tries += 1
+            try:
+                return await attempt()
+            except _Retryable as exc:
+                failure, hint, status = exc.failure, exc.hint, exc.status
+            except CONNECTION_ERRORS as exc:
+                failure, hint, status = _describe(exc), None, None
+            if backpressure and status == 429:
+                # sampling backpressure: everyone waits out the window, then this request goes again
+                self.open_sampling_window(hint)
+                start = time.monotonic()
+                continue
+            elapsed = time.monotonic() - start
+            if elapsed >= self.retry_timeout:
+                raise RetryBudgetExceededError(
+                    f"{what}: gave up after {tries} attempts in {elapsed:.1f} s "
+                    f"(retry budget {self.retry_timeout:g} s); last failure: {failure}",
+                    status=status,
+                )
+            delay = hint if hint is not None else backoff_delay(tries - 1)
+            await asyncio.sleep(min(delay, self.retry_timeout - elapsed))
+
+    # ----------------------------------------------------------------------------------------- backpressure
+
+    def open_sampling_window(self, hint: float | None) -> None:
+        until = time.monotonic() + (hint if hint is not None else SAMPLE_BACKOFF)
+        self._sample_backoff_until = max(self._sample_backoff_until, until)
+
+    async def sampling_window(self) -> None:
+        # a loop, not an Event: the window may be pushed further out while we wait
+        while (wait := self._sample_backoff_until - time.monotonic()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(wait)
+
+    # ----------------------------------------------------------------------------------------- futures
+
+    async def poll(
+        self,
+        request_id: str,
+        result: type[T],
+        *,
+        request_type: str,
+        model_id: str | None = None,
+        roundtrip: float | None = None,
+    ) -> T:
+        """Long-poll ``retrieve_future`` until the result is there (PROTOCOL.md §3.2-3.3).
+
+        A failed job raises ``RequestFailedError``; an expired future ``GoneError``; a run of failures
+        (connection errors, 429, 5xx) longer than the retry budget ``RetryBudgetExceededError``.
+        """
+        session = self.session()
+        msgpack = self._features is not None and "msgpack" in self._features
+        data = _JSON_ENCODER.encode(
+            FutureRetrieveRequest(request_id=request_id, model_id=model_id or msgspec.UNSET)
+        )
+        headers = {
+            "Content-Type": JSON,
+            "X-Idempotency-Key": self.auto_key(),
+            "X-HpcAI-Request-Type": request_type,
+        }
+        if msgpack:
+            headers["Accept"] = f"{MSGPACK}, {JSON};q=0.9"
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=POLL_READ_TIMEOUT)
+        url = self.url("retrieve_future")
+        start = time.monotonic()
+        failing_since: float | None = None
+        failures = 0
+        iteration = 0
+        while True:
+            headers["X-HpcAI-Request-Iteration"] = str(iteration)
+            if iteration == 0 and roundtrip is not None:
+                headers["X-HpcAI-Create-Promise-Roundtrip-Time"] = f"{roundtrip:.6f}"
+            elif iteration == 1:
+                headers.pop("X-HpcAI-Create-Promise-Roundtrip-Time", None)
+            iteration += 1
+            sent = time.monotonic()
+            hint: float | None = None
+            try:
+                async with session.post(url, data=data, headers=headers, timeout=timeout) as resp:
+                    payload = await resp.read()
+                    status, content_type = resp.status, resp.content_type
+                    resp_headers = resp.headers
+            except CONNECTION_ERRORS as exc:
+                failure = _describe(exc)
+            else:
+                if status == 200:
+                    probe = decode(payload, content_type, _Probe)
+                    if probe.type == "try_again":
+                        failing_since, failures = None, 0
+                        await self._pause_after_try_again(start, sent)
+                        continue
+                    if probe.error is not None:
+                        message = probe.message if isinstance(probe.message, str) else str(probe.error)
+                        raise RequestFailedError(message, code=str(probe.error), request_id=request_id)
+                    return decode(payload, content_type, result)
+                if status == 408:
+                    # "still queued" (the official server's long-poll timeout): not a failure, poll again
+                    failing_since, failures = None, 0
+                    await self._pause_after_try_again(start, sent)
+                    continue
+                if status != 429 and status < 500:
+                    message, code = _server_message(payload, content_type)
+                    cls: type[APIStatusError] = error_for_status(status)
+                    raise cls(
+                        f"retrieve_future: HTTP {status}: {message}",
+                        status=status,
+                        code=code,
+                        request_id=request_id,
+                    )
+                failure = f"HTTP {status} ({_server_message(payload, content_type)[0]})"
+                hint = retry_after(resp_headers)
+            now = time.monotonic()
+            if failing_since is None:
+                failing_since = now
+            elif now - failing_since >= self.retry_timeout:
+                raise RetryBudgetExceededError(
+                    f"retrieve_future: {failures + 1} failed polls in {now - failing_since:.1f} s "
+                    f"(retry budget {self.retry_timeout:g} s); last failure: {failure}",
+                    request_id=request_id,
+                )
+            await asyncio.sleep(hint if hint is not None else backoff_delay(failures))
+            failures += 1
+
+    async def _pause_after_try_again(self, start: float, sent: float) -> None:
+        """Re-poll at once after a long-poll; after a quick answer wait ~20 % of the time waited so far.
+
+        A poll the server held (a long-poll) took clearly longer than the round trip, which is estimated as
+        the shortest poll seen lately; a quick ``try_again`` from a server that does not hold polls is
+        followed by a pause, so such a server sees a few polls per future, not one per round trip.
+        """
+        now = time.monotonic()
+        took = now - sent
+        self._rtt = min(took, self._rtt * 1.05 + 1e-4)  # lets the estimate rise again if the path slows
+        pause = min(max(POLL_PAUSE_FRACTION * (now - start), POLL_PAUSE_MIN), POLL_PAUSE_MAX)
+        pause *= random.uniform(0.8, 1.2)
+        if took - self._rtt < pause:  # the server did not hold the request
+            await asyncio.sleep(pause)

@@ -1,0 +1,293 @@
+"""Event loops: the factory (uvloop when installed), loop binding, and the one generic sync-over-async bridge.
+
+All client logic is coroutines. A ServiceClient and its children are *bound* to one event loop, the loop their
+aiohttp session lives on: the caller's loop when the first call is a coroutine, else a private daemon loop
+thread (started lazily, shared by every client of the process). The blocking methods are generated from the
+coroutines by three decorators, so no signature or docstring is written twice (anyio's ``BlockingPortal`` is
+the model):
+
+* ``blocking(f_async)``  -- runs ``f_async`` on the client's loop and waits for its value;
+* ``future(f_async)``    -- runs it there and returns an ``APIFuture`` of its value at once;
+* ``submit(f_async)``    -- for coroutines that return an ``APIFuture`` (training submissions): returns an
+  ``APIFuture`` of the final result at once. Coroutines handed to one loop start in FIFO order and reserve
+  their sequence ids before their first ``await``, so call order stays wire order.
+
+A blocking call made on the client's own loop thread would deadlock, so it raises ``RuntimeError`` at once. A
+coroutine method awaited on a *different* loop (a notebook's loop with a client bound to the private loop) is
+run on the client's loop and its result handed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import functools
+import inspect
+import os
+import threading
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+
+from ._futures import APIFuture
+
+__all__ = (
+    "LoopBinding",
+    "blocking",
+    "close_at_exit",
+    "future",
+    "new_event_loop",
+    "on_client_loop",
+    "private_loop",
+    "submit",
+)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop: uvloop's when installed, unless ``HPCAI_ASYNC_NO_UVLOOP=1``."""
+    if os.environ.get("HPCAI_ASYNC_NO_UVLOOP", "") not in ("1", "true", "yes"):
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
+class Closable(Protocol):
+    def aclose(self) -> Coroutine[Any, Any, None]: ...
+
+
+class _LoopThread:
+    """The private event loop behind the blocking methods: one daemon thread, started on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closables: weakref.WeakSet[Closable] = weakref.WeakSet()
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is not None:
+            return loop
+        with self._lock:
+            if self._loop is None:
+                loop = new_event_loop()
+                ready = threading.Event()
+                thread = threading.Thread(
+                    target=self._run, args=(loop, ready), name="hpcai-async-loop", daemon=True
+                )
+                thread.start()
+                ready.wait()
+                self._loop = loop
+                atexit.register(self._shutdown)
+            return self._loop
+
+    @staticmethod
+    def _run(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        loop.run_forever()
+
+    def close_at_exit(self, obj: Closable) -> None:
+        with self._lock:
+            self._closables.add(obj)
+
+    def _shutdown(self) -> None:
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return
+        with self._lock:
+            closables = list(self._closables)
+
+        async def close_all() -> None:
+            await asyncio.gather(*(c.aclose() for c in closables), return_exceptions=True)
+
+        with contextlib.suppress(Exception):  # best effort at exit; nobody is left to tell
+            asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout=2.0)
+
+
+_PRIVATE = _LoopThread()
+
+
+def close_at_exit(obj: Closable) -> None:
+    """Have ``obj.aclose()`` run on the private loop at interpreter exit (sessions left open by scripts)."""
+    _PRIVATE.close_at_exit(obj)
+
+
+def private_loop() -> asyncio.AbstractEventLoop:
+    """The process-wide private loop (a daemon thread running uvloop or asyncio), started on first use."""
+    return _PRIVATE.get()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class LoopBinding:
+    """The event loop a ServiceClient and its children live on; set by the first call, sync or async.
+
+    ``on_bind(loop, private)`` is called when a loop is bound; ``on_rebind()`` first when the bound loop was
+    closed and a new one takes its place (a script that runs ``asyncio.run`` twice with one client).
+    """
+
+    def __init__(
+        self, on_bind: Callable[[asyncio.AbstractEventLoop, bool], None], on_rebind: Callable[[], None]
+    ) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._on_bind = on_bind
+        self._on_rebind = on_rebind
+
+    def for_async(self) -> asyncio.AbstractEventLoop:
+        """From a coroutine: the client's loop; binds to the running loop if unbound (or old one closed)."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            return loop
+        running = asyncio.get_running_loop()
+        with self._lock:
+            if self.loop is None or self.loop.is_closed():
+                if self.loop is not None:
+                    self._on_rebind()
+                self.loop = running
+                self._on_bind(running, False)
+            return self.loop
+
+    def for_sync(self, what: str) -> asyncio.AbstractEventLoop:
+        """The loop for blocking work; binds to the private loop if unbound. Refuses the loop's own thread."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            with self._lock:
+                if self.loop is None or self.loop.is_closed():
+                    if self.loop is not None:
+                        self._on_rebind()
+                    self.loop = private_loop()
+                    self._on_bind(self.loop, True)
+                loop = self.loop
+        if _running_loop() is loop:
+            raise RuntimeError(
+                f"{what}() blocks, but it was called on the event loop this client runs on, where it would "
+                f"deadlock: await the coroutine instead (`await {what}_async(...)`)"
+            )
+        if not loop.is_running():
+            raise RuntimeError(
+                "this client is bound to an event loop that is not running; "
+                "call its coroutine methods on that loop"
+            )
+        return loop
+
+
+class Bound(Protocol):
+    """Anything with a loop binding: every client class."""
+
+    @property
+    def _binding(self) -> LoopBinding: ...
+
+
+S = TypeVar("S", bound=Bound)
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return fn.__name__.removesuffix("_async")
+
+
+def _sync_wrapper(fn: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
+    functools.update_wrapper(wrapper, fn)
+    name = _name(fn)
+    wrapper.__name__ = name
+    wrapper.__qualname__ = fn.__qualname__.removesuffix("_async")
+    wrapper.__doc__ = (
+        f"Blocking form of ``{fn.__name__}`` (for scripts, threads and notebooks).\n\n{fn.__doc__ or ''}"
+    )
+
+
+def blocking(fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]]) -> Callable[Concatenate[S, P], T]:
+    """``x = blocking(x_async)``: run ``x_async`` on the client's loop and wait for its value."""
+
+    def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = self._binding.for_sync(f"{type(self).__name__}.{_name(fn)}")
+        cf = asyncio.run_coroutine_threadsafe(fn(self, *args, **kwargs), loop)
+        try:
+            return cf.result()
+        except BaseException:
+            cf.cancel()  # e.g. KeyboardInterrupt: stop the work on the loop too
+            raise
+
+    _sync_wrapper(fn, wrapper)
+    return wrapper
+
+
+def future(
+    fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[S, P], APIFuture[T]]:
+    """``x = future(x_async)``: start ``x_async`` on the client's loop, return an APIFuture of its value."""
+
+    def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> APIFuture[T]:
+        loop = self._binding.for_sync(f"{type(self).__name__}.{_name(fn)}")
+        return APIFuture(loop, asyncio.run_coroutine_threadsafe(fn(self, *args, **kwargs), loop))
+
+    _sync_wrapper(fn, wrapper)
+    signature = inspect.signature(fn)  # what help() shows: the same parameters, an APIFuture of the value
+    returns = signature.return_annotation
+    returns = returns if isinstance(returns, str) else getattr(returns, "__name__", repr(returns))
+    wrapper.__signature__ = signature.replace(return_annotation=f"APIFuture[{returns}]")  # type: ignore[attr-defined]
+    return wrapper
+
+
+async def _then(submission: Coroutine[Any, Any, APIFuture[T]]) -> T:
+    inner = await submission
+    try:
+        return await inner
+    except asyncio.CancelledError:
+        inner.cancel()  # cancelling the outer future stops the polling too
+        raise
+
+
+def submit(
+    fn: Callable[Concatenate[S, P], Coroutine[Any, Any, APIFuture[T]]],
+) -> Callable[Concatenate[S, P], APIFuture[T]]:
+    """``x = submit(x_async)``: start a submission on the client's loop, return an APIFuture of its result.
+
+    Returns without waiting for the POST: the coroutine reserves its sequence id as soon as the loop starts
+    it, and the loop starts coroutines in the order they were handed over.
+    """
+
+    def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> APIFuture[T]:
+        loop = self._binding.for_sync(f"{type(self).__name__}.{_name(fn)}")
+        return APIFuture(loop, asyncio.run_coroutine_threadsafe(_then(fn(self, *args, **kwargs)), loop))
+
+    _sync_wrapper(fn, wrapper)
+    return wrapper
+
+
+def on_client_loop(
+    fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """Decorate a coroutine method so that it always runs on the client's loop.
+
+    On the client's loop (the usual case) it runs directly, without an extra ``await`` before its body, so
+    sequence ids are still reserved at call time. Awaited on another loop, it runs on the client's loop and
+    the caller awaits the outcome (cancellation is passed on).
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = self._binding.for_async()
+        if loop is asyncio.get_running_loop():
+            return await fn(self, *args, **kwargs)
+        if not loop.is_running():
+            raise RuntimeError("this client is bound to an event loop that is not running")
+        cf: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(fn(self, *args, **kwargs), loop)
+        return await asyncio.wrap_future(cf)
+
+    return wrapper

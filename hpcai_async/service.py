@@ -1,0 +1,216 @@
+"""ServiceClient: configuration, the shared session, and the factory of training, sampling, REST clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping
+from types import TracebackType
+
+from ._errors import APIError, ConfigurationError
+from ._http import DEFAULT_BASE_URL, Transport
+from ._loop import LoopBinding, blocking, on_client_loop
+from .rest import RestClient
+from .sampling import SamplingClient
+from .training import TrainingClient
+from .types import (
+    CreateModelRequest,
+    CreateModelResponse,
+    GetServerCapabilitiesResponse,
+    LoraConfig,
+    UntypedAPIFuture,
+)
+
+__all__ = ("ServiceClient",)
+
+
+class ServiceClient:
+    """The entry point: creates training, sampling and REST clients that share one keep-alive session.
+
+    ``base_url`` and ``api_key`` default to ``HPCAI_BASE_URL`` and ``HPCAI_API_KEY`` (an argument wins over
+    the environment; the URL defaults to the hosted service). ``connection_limit`` caps the open connections,
+    ``retry_timeout`` the total time spent retrying one request (seconds), ``request_timeout`` the wait for
+    any single read. Use it as ``with`` / ``async with``, or call ``close()`` / ``aclose()``.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        connection_limit: int = 100,
+        retry_timeout: float = 300.0,
+        request_timeout: float = 60.0,
+        default_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        base_url = base_url or os.environ.get("HPCAI_BASE_URL") or DEFAULT_BASE_URL
+        api_key = api_key or os.environ.get("HPCAI_API_KEY")
+        if not api_key:
+            raise ConfigurationError("no API key: pass ServiceClient(api_key=...) or set HPCAI_API_KEY")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if connection_limit < 1:
+            raise ConfigurationError(f"connection_limit must be at least 1, got {connection_limit}")
+        if retry_timeout < 0 or request_timeout <= 0:
+            raise ConfigurationError("retry_timeout must be >= 0 and request_timeout > 0")
+        self._transport = Transport(
+            base_url,
+            api_key,
+            connection_limit=connection_limit,
+            retry_timeout=retry_timeout,
+            request_timeout=request_timeout,
+            headers=default_headers,
+        )
+
+    @property
+    def _binding(self) -> LoopBinding:
+        return self._transport.binding
+
+    @property
+    def base_url(self) -> str:
+        return self._transport.base_url
+
+    def __repr__(self) -> str:
+        return f"ServiceClient(base_url={self.base_url!r})"
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> ServiceClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop all polling and close the session (of every client this ServiceClient created)."""
+        loop = self._binding.loop
+        if loop is None or loop.is_closed():
+            self._transport.closed = True
+            return
+        if loop is asyncio.get_running_loop():
+            await self._transport.aclose()
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._transport.aclose(), loop))
+
+    def close(self) -> None:
+        """Blocking ``aclose``; on the client's own loop use ``await aclose()``."""
+        loop = self._binding.loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            self._transport.closed = True
+            return
+        try:
+            on_own_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_own_loop = False
+        if on_own_loop:
+            raise RuntimeError(
+                "ServiceClient.close() blocks, but it was called on the client's own event loop: "
+                "use `await client.aclose()` (or `async with`)"
+            )
+        asyncio.run_coroutine_threadsafe(self._transport.aclose(), loop).result()
+
+    # ----------------------------------------------------------------------------------------- service
+
+    @on_client_loop
+    async def get_server_capabilities_async(self) -> GetServerCapabilitiesResponse:
+        """The models the service offers (and the protocol extensions it speaks); fetched once, cached."""
+        return await self._transport.capabilities()
+
+    get_server_capabilities = blocking(get_server_capabilities_async)
+
+    # ----------------------------------------------------------------------------------------- training
+
+    @on_client_loop
+    async def create_lora_training_client_async(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = False,
+    ) -> TrainingClient:
+        """Start a LoRA training run on ``base_model`` and return its TrainingClient."""
+        if not (train_mlp or train_attn or train_unembed):
+            raise ConfigurationError("at least one of train_mlp, train_attn or train_unembed must be True")
+        lora = LoraConfig(
+            rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn, train_unembed=train_unembed
+        )
+        # the capabilities (needed by the first training call) are fetched while the model is created
+        model_id, _ = await asyncio.gather(self._create_model(base_model, lora), self._transport.features())
+        return TrainingClient(self._transport, model_id, base_model)
+
+    create_lora_training_client = blocking(create_lora_training_client_async)
+
+    async def _create_model(self, base_model: str, lora: LoraConfig) -> str:
+        started = time.monotonic()
+        body = CreateModelRequest(base_model=base_model, lora_config=lora)
+        submitted = await self._transport.request("POST", "create_model", UntypedAPIFuture, body=body)
+        created = await self._transport.poll(
+            submitted.request_id,
+            CreateModelResponse,
+            request_type="CreateModel",
+            roundtrip=time.monotonic() - started,
+        )
+        return created.model_id
+
+    def create_training_client(self, model_id: str, base_model: str | None = None) -> TrainingClient:
+        """A TrainingClient for an existing run ``model_id`` (no request is sent)."""
+        return TrainingClient(self._transport, model_id, base_model)
+
+    @on_client_loop
+    async def create_training_client_from_state_async(self, path: str) -> TrainingClient:
+        """A new run with the weights of checkpoint ``path`` (``hpcai://...``); a fresh optimizer."""
+        return await self._from_state(path, optimizer=False)
+
+    create_training_client_from_state = blocking(create_training_client_from_state_async)
+
+    @on_client_loop
+    async def create_training_client_from_state_with_optimizer_async(self, path: str) -> TrainingClient:
+        """A new run resumed from checkpoint ``path``: weights and optimizer state."""
+        return await self._from_state(path, optimizer=True)
+
+    create_training_client_from_state_with_optimizer = blocking(
+        create_training_client_from_state_with_optimizer_async
+    )
+
+    async def _from_state(self, path: str, *, optimizer: bool) -> TrainingClient:
+        run = await self.create_rest_client().get_training_run_by_checkpoint_path_async(path)
+        if not run.is_lora or run.lora_rank is None:
+            raise APIError(
+                f"training run {run.training_run_id} is not a LoRA run; cannot recreate it from {path}"
+            )
+        client = await self.create_lora_training_client_async(run.base_model, rank=run.lora_rank)
+        if optimizer:
+            loaded = await client.load_state_with_optimizer_async(path)
+        else:
+            loaded = await client.load_state_async(path)
+        await loaded
+        return client
+
+    # ----------------------------------------------------------------------------------------- others
+
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> SamplingClient:
+        """A SamplingClient for saved weights (``model_path``, ``hpcai://...``) or a ``base_model``."""
+        return SamplingClient(self._transport, model_path=model_path, base_model=base_model)
+
+    async def create_sampling_client_async(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> SamplingClient:
+        """Same as ``create_sampling_client`` (nothing to wait for)."""
+        return self.create_sampling_client(model_path, base_model)
+
+    def create_rest_client(self) -> RestClient:
+        """A RestClient for runs and checkpoints, on this client's session."""
+        return RestClient(self._transport)

@@ -1,0 +1,70 @@
+"""Client test helpers: coroutines on asyncio or uvloop (loop errors fail the test), data, clients."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from hpcai_async import ServiceClient, types
+
+T = TypeVar("T")
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dev dependency
+    uvloop = None
+
+LOOPS = ["asyncio", "uvloop"] if uvloop is not None else ["asyncio"]
+
+# The capabilities of a server that speaks only the official protocol (the hosted service): injected through
+# the fault proxy, they make the client fall back to turn-taking, JSON and no extension fields.
+PLAIN_CAPABILITIES = b'{"supported_models": [{"model_name": "null/instant"}]}'
+
+
+class HasURL(Protocol):
+    url: str
+    api_key: str
+
+
+def run(main: Callable[[], Coroutine[Any, Any, T]], loop: str = "asyncio", timeout: float = 60.0) -> T:
+    """Run ``main()`` on a fresh loop of the given kind; fail if the loop reported an unhandled error."""
+    factory = uvloop.new_event_loop if loop == "uvloop" and uvloop is not None else asyncio.new_event_loop
+    errors: list[dict[str, Any]] = []
+
+    async def body() -> T:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+        try:
+            return await asyncio.wait_for(main(), timeout)
+        finally:
+            gc.collect()  # "Task exception was never retrieved" and "Unclosed client session" show up now
+            await asyncio.sleep(0)
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        result = runner.run(body())
+    assert not errors, f"unhandled errors in the event loop: {errors}"
+    return result
+
+
+def client(server: HasURL, **options: Any) -> ServiceClient:
+    """A ServiceClient for ``server`` (``base_url=`` points it elsewhere, e.g. at a proxy in front of it)."""
+    options.setdefault("base_url", server.url)
+    return ServiceClient(api_key=server.api_key, **options)
+
+
+def datum(tokens: Any, weights: Any = None) -> types.Datum:
+    """A cross-entropy datum for the token sequence ``tokens`` (inputs tokens[:-1], targets tokens[1:])."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = len(tokens) - 1
+    w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": w},
+    )
+
+
+def small_batch(count: int = 1, length: int = 6, offset: int = 1) -> list[types.Datum]:
+    return [datum(np.arange(length) + offset + i) for i in range(count)]

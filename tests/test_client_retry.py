@@ -1,0 +1,288 @@
+"""Unhappy paths through the fault proxy: retries with the same key, Retry-After, the retry budget, polling
+failures, backpressure, timeouts and cancellation. Everything runs against the real local (null) server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+from client_fixtures import HasURL, client, run, small_batch
+from fault_proxy import FaultProxy
+
+from hpcai_async import (
+    APITimeoutError,
+    BadRequestError,
+    GoneError,
+    InternalServerError,
+    RequestFailedError,
+    RetryBudgetExceededError,
+    types,
+)
+
+NULL_MODEL = "null/instant"
+FAST = {"retry-after-ms": "20"}  # keeps the injected retries quick
+
+
+def _keys(proxy: FaultProxy, endpoint: str) -> list[str]:
+    return [r.headers["x-idempotency-key"] for r in proxy.find(endpoint)]
+
+
+@pytest.mark.parametrize("kind", ["status", "reset"])
+def test_retry_after_the_server_ran_it_reuses_the_key_and_runs_once(null_server: HasURL, kind: str) -> None:
+    """The server runs optim_step but the answer is lost (503 or a reset): the retry must not step twice."""
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+                proxy.inject("optim_step", kind, after=True, headers=FAST)
+                first = await (await tc.optim_step_async(types.AdamParams()))
+                second = await (await tc.optim_step_async(types.AdamParams()))
+                assert (first.metrics or {})["step:max"] == 1
+                assert (second.metrics or {})["step:max"] == 2  # not 3: the retried one ran once
+
+        run(main)
+    keys = _keys(proxy, "optim_step")
+    assert len(keys) == 3 and keys[0] == keys[1] != keys[2]
+
+
+def test_5xx_408_409_429_and_truncated_answers_are_retried(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+                proxy.inject("forward_backward", "truncate")  # first: its backoff is the shortest
+                for status in (500, 502, 503, 408, 409, 429):
+                    proxy.inject("forward_backward", "status", status=status, headers=FAST)
+                result = await (await tc.forward_backward_async(small_batch(2)))
+                assert result.metrics["num_examples:sum"] == 2
+
+        run(main)
+    keys = _keys(proxy, "forward_backward")
+    assert len(keys) == 8 and len(set(keys)) == 1
+
+
+def test_retry_after_is_honoured(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+        proxy.inject("get_server_capabilities", "status", status=503, headers={"retry-after-ms": "300"})
+        proxy.inject("get_server_capabilities", "status", status=429, headers={"Retry-After": "1"})
+        with client(null_server, base_url=proxy.url) as service:
+            service.get_server_capabilities()
+    times = [r.at for r in proxy.find("get_server_capabilities")]
+    assert len(times) == 3
+    assert 0.3 <= times[1] - times[0] < 1.5  # retry-after-ms: 300
+    assert 1.0 <= times[2] - times[1] < 2.5  # Retry-After: 1
+
+
+def test_no_retry_on_4xx_or_when_the_server_says_so(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+        proxy.inject(
+            "get_server_capabilities", "status", status=400, body=b'{"error": "X", "message": "nope"}'
+        )
+        proxy.inject("get_server_capabilities", "status", status=503, headers={"x-should-retry": "false"})
+        with client(null_server, base_url=proxy.url) as service:
+            with pytest.raises(BadRequestError, match="nope") as bad:
+                service.get_server_capabilities()
+            assert bad.value.status == 400 and bad.value.code == "X"
+            with pytest.raises(InternalServerError):
+                service.get_server_capabilities()
+    assert len(proxy.find("get_server_capabilities")) == 2
+
+
+def test_retry_budget_exhausted(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+        proxy.inject(
+            "get_server_capabilities", "status", status=503, times=10_000, headers={"retry-after-ms": "50"}
+        )
+        with client(null_server, base_url=proxy.url, retry_timeout=0.6) as service:
+            start = time.monotonic()
+            with pytest.raises(RetryBudgetExceededError) as info:
+                service.get_server_capabilities()
+            elapsed = time.monotonic() - start
+    assert 0.6 <= elapsed < 3.0
+    message = str(info.value)
+    assert "HTTP 503" in message and "retry budget 0.6 s" in message and "get_server_capabilities" in message
+
+
+def test_unreachable_server_exhausts_the_budget_with_a_connection_error(null_server: HasURL) -> None:
+    with (
+        FaultProxy(null_server.url) as proxy,
+        client(null_server, base_url=proxy.url, retry_timeout=0.5) as service,
+    ):
+        proxy.inject("get_server_capabilities", "reset", times=10_000)
+        with pytest.raises(RetryBudgetExceededError, match=r"Disconnect|[Cc]onnection"):
+            service.get_server_capabilities()
+
+
+# ----------------------------------------------------------------------------------------- polling
+
+
+def test_polling_survives_5xx_resets_and_408(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+                proxy.inject("retrieve_future", "status", status=503, headers=FAST)
+                proxy.inject("retrieve_future", "reset")
+                proxy.inject("retrieve_future", "status", status=408, body=b'{"queue_state": "in_queue"}')
+                proxy.inject("retrieve_future", "status", status=429, headers=FAST)
+                result = await (await tc.optim_step_async(types.AdamParams()))
+                assert (result.metrics or {})["step:max"] == 1
+
+        run(main)
+    iterations = [r.headers["x-hpcai-request-iteration"] for r in proxy.find("retrieve_future")]
+    assert iterations[-5:] == ["0", "1", "2", "3", "4"]  # the optim_step's polls, counted
+
+
+def test_a_failed_job_raises_request_failed_error(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+                body = b'{"error": "EngineError", "message": "the device fell over"}'
+                proxy.inject("retrieve_future", "status", status=200, body=body)
+                fut = await tc.forward_async(small_batch(1))
+                with pytest.raises(RequestFailedError, match="the device fell over") as info:
+                    await fut
+                assert info.value.request_id and info.value.code == "EngineError"
+                assert info.value.request_id in str(info.value)
+
+        run(main)
+
+
+def test_an_expired_future_is_gone(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+                proxy.inject(
+                    "retrieve_future", "status", status=410, body=b'{"error": "GoneError", "message": "gone"}'
+                )
+                with pytest.raises(GoneError):
+                    await (await tc.forward_async(small_batch(1)))
+                # a sample whose future is gone is sampled again
+                proxy.inject("retrieve_future", "status", status=410, body=b'{"message": "gone"}')
+                sampler = service.create_sampling_client(base_model=NULL_MODEL)
+                response = await sampler.sample_async(
+                    types.ModelInput.from_ints([1]), 1, types.SamplingParams(max_tokens=1)
+                )
+                assert len(response.sequences) == 1
+
+        run(main)
+    assert len(proxy.find("asample")) == 2
+
+
+def test_quick_try_again_is_polled_with_short_growing_pauses(null_server: HasURL) -> None:
+    """The proxy answers try_again at once 20 times: the client pauses ~20 % of the time waited, not 0.5 s."""
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> float:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+                body = b'{"type": "try_again", "request_id": "x"}'
+                proxy.inject("retrieve_future", "status", status=200, body=body, times=20)
+                start = time.monotonic()
+                await (await tc.optim_step_async(types.AdamParams()))
+                return time.monotonic() - start
+
+        elapsed = run(main)
+    polls = proxy.find("retrieve_future")[-21:]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(polls)]
+    assert min(gaps) < 0.01  # the first pauses are short ...
+    assert all(g < 0.5 for g in gaps)  # ... and never the official client's fixed half second
+    for at, gap in zip([p.at - polls[0].at for p in polls[:-1]], gaps, strict=True):
+        assert gap <= 0.3 * at + 0.05  # proportional to the time waited so far
+    assert elapsed < 3.0  # a fixed half second would take 10 s
+
+
+# ----------------------------------------------------------------------------------------- sampling
+
+
+def test_sampling_429_is_a_shared_backpressure_window(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                await service.get_server_capabilities_async()
+                a = service.create_sampling_client(base_model=NULL_MODEL)
+                b = service.create_sampling_client(base_model=NULL_MODEL)
+                prompt, params = types.ModelInput.from_ints([1, 2]), types.SamplingParams(max_tokens=1)
+                proxy.inject("asample", "status", status=429, headers={"retry-after-ms": "400"})
+                first = asyncio.ensure_future(a.sample_async(prompt, 1, params))
+                await asyncio.sleep(0.1)  # the 429 has opened the window by now
+                second = await b.sample_async(prompt, 1, params)
+                assert len((await first).sequences) == len(second.sequences) == 1
+
+        run(main)
+    posts = proxy.find("asample")
+    assert len(posts) == 3
+    rejected_at = posts[0].at
+    assert all(p.at - rejected_at >= 0.39 for p in posts[1:])  # b waited for a's window too
+    assert posts[0].headers["x-idempotency-key"] == posts[1].headers["x-idempotency-key"]  # a's retry
+
+
+# ----------------------------------------------------------------------------------------- timeouts
+
+
+def test_result_timeout_raises_timeout_error_and_the_work_goes_on(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy, client(null_server, base_url=proxy.url) as service:
+        tc = service.create_lora_training_client(NULL_MODEL, rank=4)
+        proxy.inject("retrieve_future", "delay", delay=0.4, times=5)
+        fut = tc.optim_step(types.AdamParams())
+        with pytest.raises(TimeoutError) as info:
+            fut.result(timeout=0.05)
+        assert isinstance(info.value, APITimeoutError)
+        assert not fut.done()
+        assert (fut.result(timeout=10).metrics or {})["step:max"] == 1
+
+        async def wait_briefly() -> None:
+            fut2 = tc.forward(small_batch(1))
+            proxy.inject("retrieve_future", "delay", delay=0.4, times=5)
+            with pytest.raises(APITimeoutError):
+                await fut2.result_async(timeout=0.05)
+            assert (await fut2).metrics["step:max"] == 1
+
+        run(wait_briefly)
+
+
+def test_cancel_stops_polling(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+                body = b'{"type": "try_again", "request_id": "x"}'
+                proxy.inject("retrieve_future", "status", status=200, body=body, times=10_000)
+                fut = await tc.forward_async(small_batch(1))
+                await asyncio.sleep(0.1)
+                assert fut.cancel()
+                await asyncio.sleep(0.05)
+                polls = len(proxy.find("retrieve_future"))
+                await asyncio.sleep(0.3)
+                assert len(proxy.find("retrieve_future")) == polls  # no more polling
+                assert fut.cancelled() and fut.done()
+                with pytest.raises(asyncio.CancelledError):
+                    await fut
+
+        run(main)
+
+
+def test_sync_future_cancel(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy, client(null_server, base_url=proxy.url) as service:
+        tc = service.create_lora_training_client(NULL_MODEL, rank=4)
+        proxy.inject("retrieve_future", "status", status=200, body=b'{"type": "try_again"}', times=10_000)
+        fut = tc.forward(small_batch(1))
+        time.sleep(0.1)
+        assert fut.cancel()
+        time.sleep(0.05)
+        polls = len(proxy.find("retrieve_future"))
+        time.sleep(0.3)
+        assert len(proxy.find("retrieve_future")) == polls
+        assert fut.cancelled()
