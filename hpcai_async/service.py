@@ -189,7 +189,18 @@ class ServiceClient:
             raise APIError(
                 f"training run {run.training_run_id} is not a LoRA run; cannot recreate it from {path}"
             )
-        client = await self.create_lora_training_client_async(run.base_model, rank=run.lora_rank)
+        if isinstance(run.lora_config, LoraConfig):  # our server tells the whole layout
+            layout = run.lora_config
+            client = await self.create_lora_training_client_async(
+                run.base_model,
+                rank=layout.rank,
+                seed=layout.seed,
+                train_mlp=layout.train_mlp,
+                train_attn=layout.train_attn,
+                train_unembed=layout.train_unembed,
+            )
+        else:
+            client = await self.create_lora_training_client_async(run.base_model, rank=run.lora_rank)
         if optimizer:
             loaded = await client.load_state_with_optimizer_async(path)
         else:

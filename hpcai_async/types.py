@@ -468,6 +468,9 @@ class TrainingRun(Struct, kw_only=True):
     lora_rank: int | None = None
     last_checkpoint: Checkpoint | None = None
     last_sampler_checkpoint: Checkpoint | None = None
+    # Ours: the run's full LoRA layout, so a run recreated from a checkpoint gets the same target modules
+    # (the hosted service sends only lora_rank; then the create_lora_training_client defaults apply).
+    lora_config: LoraConfig | UnsetType = UNSET
 
 
 class Cursor(Struct, kw_only=True):

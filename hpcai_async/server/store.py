@@ -265,6 +265,7 @@ class Store:
             is_lora=True,
             corrupted=run.corrupted,
             lora_rank=run.lora_config.rank,
+            lora_config=run.lora_config,
             last_request_time=run.last_request_time,
             last_checkpoint=last["training"],
             last_sampler_checkpoint=last["sampler"],
