@@ -27,9 +27,9 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from typing import Any, TypeVar
+from functools import cache
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 import msgspec
 
 from . import _tensor
@@ -45,6 +45,9 @@ from ._errors import (
 from ._loop import LoopBinding, close_at_exit
 from ._version import __version__
 from .types import FutureRetrieveRequest, GetServerCapabilitiesResponse
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ("DEFAULT_BASE_URL", "Transport")
 
@@ -66,7 +69,20 @@ POLL_PAUSE_FRACTION = 0.2  # pause after a quick try_again: this share of the ti
 POLL_PAUSE_MIN = 0.001  # ... but at least 1 ms ...
 POLL_PAUSE_MAX = 1.0  # ... and at most 1 s
 
-CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+
+@cache
+def aiohttp_module() -> Any:
+    """aiohttp, imported on first use: it is half of the package's import time (its SSL set-up)."""
+    import aiohttp
+
+    return aiohttp
+
+
+@cache
+def connection_errors() -> tuple[type[BaseException], ...]:
+    aio = aiohttp_module()
+    return (aio.ClientConnectionError, aio.ClientPayloadError, TimeoutError)
+
 
 _JSON_ENCODER = msgspec.json.Encoder(enc_hook=_tensor.json_enc_hook)
 _MSGPACK_ENCODER = msgspec.msgpack.Encoder(enc_hook=_tensor.msgpack_enc_hook)
@@ -146,16 +162,22 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class _RawBody(aiohttp.BytesPayload):
-    """An encoded body, sent as it is.
+@cache
+def _raw_body_class() -> Any:
+    aio = aiohttp_module()
 
-    aiohttp warns about ``bytes`` bodies over 1 MiB (as if writing them could block the loop); writing to a
-    socket transport only buffers them, and a batch of tensors is often larger than that.
-    """
+    class RawBody(aio.BytesPayload):  # type: ignore[misc,name-defined]
+        """An encoded body, sent as it is.
 
-    def __init__(self, value: bytes, content_type: str) -> None:
-        aiohttp.payload.Payload.__init__(self, value, content_type=content_type)
-        self._size = len(value)
+        aiohttp warns about ``bytes`` bodies over 1 MiB (as if writing them could block the loop); writing to
+        a socket transport only buffers them, and a batch of tensors is often larger than that.
+        """
+
+        def __init__(self, value: bytes, content_type: str) -> None:
+            aio.payload.Payload.__init__(self, value, content_type=content_type)
+            self._size = len(value)
+
+    return RawBody
 
 
 class _Retryable(Exception):
@@ -238,10 +260,11 @@ class Transport:
             raise APIConnectionError("this ServiceClient is closed")
         session = self._session
         if session is None:
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.connection_limit),
+            aio = aiohttp_module()
+            session = aio.ClientSession(
+                connector=aio.TCPConnector(limit=self.connection_limit),
                 headers=self._headers,
-                timeout=aiohttp.ClientTimeout(
+                timeout=aio.ClientTimeout(
                     total=None, sock_connect=CONNECT_TIMEOUT, sock_read=self.request_timeout
                 ),
             )
@@ -372,7 +395,7 @@ class Transport:
         url = self.url(path)
 
         async def attempt() -> tuple[bytes, str]:
-            body = None if data is None else _RawBody(data, all_headers["Content-Type"])
+            body = None if data is None else _raw_body_class()(data, all_headers["Content-Type"])
             async with session.request(method, url, data=body, params=params, headers=all_headers) as resp:
                 payload = await resp.read()
                 if resp.status < 300:
@@ -407,7 +430,7 @@ class Transport:
                 return await attempt()
             except _Retryable as exc:
                 failure, hint, status = exc.failure, exc.hint, exc.status
-            except CONNECTION_ERRORS as exc:
+            except connection_errors() as exc:
                 failure, hint, status = _describe(exc), None, None
             if backpressure and status == 429:
                 # sampling backpressure: everyone waits out the window, then this request goes again
@@ -463,7 +486,9 @@ class Transport:
         }
         if msgpack:
             headers["Accept"] = f"{MSGPACK}, {JSON};q=0.9"
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=POLL_READ_TIMEOUT)
+        timeout = aiohttp_module().ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=POLL_READ_TIMEOUT
+        )
         url = self.url("retrieve_future")
         start = time.monotonic()
         failing_since: float | None = None
@@ -483,7 +508,7 @@ class Transport:
                     payload = await resp.read()
                     status, content_type = resp.status, resp.content_type
                     resp_headers = resp.headers
-            except CONNECTION_ERRORS as exc:
+            except connection_errors() as exc:
                 failure = _describe(exc)
             else:
                 if status == 200:

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 from urllib.parse import quote
 
-import aiohttp
-
 from ._errors import ConfigurationError
-from ._http import Transport
+from ._http import Transport, aiohttp_module
 from ._loop import LoopBinding, future, on_client_loop
 from .types import CheckpointsListResponse, TrainingRun, TrainingRunsResponse
 
@@ -169,7 +167,9 @@ class RestClient:
                         if bar is not None:
                             bar.update(written)
                 if total is not None and written != total:
-                    raise aiohttp.ClientPayloadError(f"archive ended after {written} of {total} bytes")
+                    raise aiohttp_module().ClientPayloadError(
+                        f"archive ended after {written} of {total} bytes"
+                    )
 
         try:
             await transport.retrying(attempt, f"GET {path}")
