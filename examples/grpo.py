@@ -227,24 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-model", default=_common.BASE_MODEL)
     args = parser.parse_args(argv)
+    options = vars(args)
+    options["evaluate"] = not options.pop("no_eval")
     with _common.endpoint() as ep:
-        asyncio.run(
-            train(
-                ep.base_url,
-                ep.api_key,
-                base_model=args.base_model,
-                iterations=args.iterations,
-                max_operand=args.max_operand,
-                prompts=args.prompts,
-                group_size=args.group_size,
-                updates_per_iteration=args.updates_per_iteration,
-                learning_rate=args.learning_rate,
-                rank=args.rank,
-                loss_fn=args.loss_fn,
-                evaluate=not args.no_eval,
-                seed=args.seed,
-            )
-        )
+        asyncio.run(train(ep.base_url, ep.api_key, **options))
     return 0
 
 

@@ -138,19 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base-model", default=_common.BASE_MODEL)
     args = parser.parse_args(argv)
     with _common.endpoint() as ep:
-        asyncio.run(
-            run(
-                ep.base_url,
-                ep.api_key,
-                base_model=args.base_model,
-                steps=args.steps,
-                resume_at=args.resume_at,
-                batch_size=args.batch_size,
-                learning_rate=args.learning_rate,
-                rank=args.rank,
-                seed=args.seed,
-            )
-        )
+        asyncio.run(run(ep.base_url, ep.api_key, **vars(args)))
     return 0
 
 

@@ -180,19 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base-model", default=_common.BASE_MODEL)
     args = parser.parse_args(argv)
     with _common.endpoint() as ep:
-        asyncio.run(
-            train(
-                ep.base_url,
-                ep.api_key,
-                base_model=args.base_model,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                learning_rate=args.learning_rate,
-                rank=args.rank,
-                checkpoint_every=args.checkpoint_every,
-                seed=args.seed,
-            )
-        )
+        asyncio.run(train(ep.base_url, ep.api_key, **vars(args)))
     return 0
 
 
