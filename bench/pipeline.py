@@ -1,0 +1,126 @@
+"""200 pipelined forward_backward + optim_step calls whose results are ready at once: calls per second.
+
+Server: the LocalServer with the NullEngine (every job done instantly, nothing computed), shared by both
+SDKs in the same run. Each round submits 200 forward_backward calls (one 128-token datum each) interleaved
+with 200 optim_step calls without waiting, then waits for all 400 results; calls/s = 400 / round time.
+Median of several rounds after a warm-up round.
+
+- ours: ``await tc.forward_backward_async(...)`` / ``await tc.optim_step_async(...)`` (each returns once
+  submitted in order), then ``asyncio.gather`` of the 400 futures.
+- official: ``tc.forward_backward(...)`` / ``tc.optim_step(...)`` (futures from its background loop), then
+  ``.result()`` on each — its async variants are the same calls.
+
+Run: ``python -m bench.pipeline``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench import _official
+from bench._common import median, report, row, run_async
+
+TARGET = 10.0
+CALLS = 200
+TOKENS = 128
+
+
+def _arrays() -> tuple[Any, Any, Any]:
+    import numpy as np
+
+    tokens = np.arange(1, TOKENS + 2, dtype=np.int64) % 1000
+    return tokens[:-1], tokens[1:], np.ones(TOKENS, dtype=np.float32)
+
+
+def ours(url: str, api_key: str, model: str, calls: int = CALLS, rounds: int = 5) -> dict[str, Any]:
+    import asyncio
+
+    from hpcai_async import ServiceClient, types
+
+    tokens, targets, weights = _arrays()
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens),
+        loss_fn_inputs={"target_tokens": targets, "weights": weights},
+    )
+    adam = types.AdamParams(learning_rate=1e-4)
+
+    async def main() -> list[float]:
+        async with ServiceClient(base_url=url, api_key=api_key) as service:
+            tc = await service.create_lora_training_client_async(model, rank=8)
+
+            async def one_round(n: int) -> float:
+                t0 = time.perf_counter()
+                futures = []
+                for _ in range(n):
+                    futures.append(await tc.forward_backward_async([datum], "cross_entropy"))
+                    futures.append(await tc.optim_step_async(adam))
+                results = await asyncio.gather(*futures)
+                dt = time.perf_counter() - t0
+                assert len(results) == 2 * n and results[0].loss_fn_outputs
+                return dt
+
+            await one_round(max(10, calls // 4))  # warm-up: connections, caches
+            return [await one_round(calls) for _ in range(rounds)]
+
+    times = run_async(main())
+    return {"calls_per_s": 2 * calls / median(times), "rounds": len(times)}
+
+
+def official(calls: int = CALLS, rounds: int = 5, model: str = "") -> dict[str, Any]:
+    import hpcai
+    from hpcai import types
+
+    tokens, targets, weights = _arrays()
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens.tolist()),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_numpy(targets),
+            "weights": types.TensorData.from_numpy(weights),
+        },
+    )
+    adam = types.AdamParams(learning_rate=1e-4)
+    service = hpcai.ServiceClient()
+    tc = service.create_lora_training_client(base_model=model, rank=8)
+
+    def one_round(n: int) -> float:
+        t0 = time.perf_counter()
+        futures = []
+        for _ in range(n):
+            futures.append(tc.forward_backward([datum], "cross_entropy"))
+            futures.append(tc.optim_step(adam))
+        results = [f.result() for f in futures]
+        dt = time.perf_counter() - t0
+        assert len(results) == 2 * n and results[0].loss_fn_outputs
+        return dt
+
+    one_round(max(10, calls // 4))
+    times = [one_round(calls) for _ in range(rounds)]
+    return {"calls_per_s": 2 * calls / median(times), "rounds": len(times)}
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    from bench._servers import null_server
+
+    cfg: dict[str, Any] = {"calls": 20, "rounds": 2} if quick else {}
+    with null_server() as srv:
+        o = _official.run_ours("pipeline", "ours", {**srv.cfg(), **cfg})
+        f = {} if quick else _official.run("pipeline", "official", {**cfg, "model": srv.model}, env=srv.env())
+    notes = [f"{side}: {r['error']}" for side, r in (("ours", o), ("official", f)) if "error" in r]
+    notes.append(f"server: {srv.label}")
+    r = row(
+        f"{cfg.get('calls', CALLS)} pipelined forward_backward + optim_step",
+        "calls/s",
+        o.get("calls_per_s"),
+        f.get("calls_per_s"),
+        f"≥ {TARGET:.0f}x official",
+        None,
+        better="higher",
+        note="; ".join(notes),
+    )
+    r["ok"] = None if r["ratio"] is None else r["ratio"] >= TARGET
+    return [r]
+
+
+if __name__ == "__main__":
+    report("pipelined training calls", run())
