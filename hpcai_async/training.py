@@ -17,6 +17,7 @@ result.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -209,6 +210,10 @@ def _builtin_dir(model_name: str) -> Path | None:
 
 def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model_name``: shipped with a built-in model, in a local folder, or from the Hub."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigurationError(
+            "get_tokenizer needs the transformers package: pip install 'hpcai_async[transformers]'"
+        )
     local = _builtin_dir(model_name) or (Path(model_name) if os.path.isdir(model_name) else None)
     if local is not None and (local / "tokenizer.json").is_file():
         # the fast tokenizer class alone: unlike AutoTokenizer it does not import torch
