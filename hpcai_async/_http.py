@@ -68,6 +68,9 @@ SAMPLE_BACKOFF = 1.0  # s: the sampling backpressure window after a 429 without 
 POLL_PAUSE_FRACTION = 0.2  # pause after a quick try_again: this share of the time waited so far ...
 POLL_PAUSE_MIN = 0.001  # ... but at least 1 ms ...
 POLL_PAUSE_MAX = 1.0  # ... and at most 1 s
+# With "inline_result" a submit may wait this long for its result (instant jobs: NullEngine, a sample batch
+# window): one request instead of submit + retrieve_future. Longer jobs are long-polled as before.
+INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.01"}
 
 
 @cache
@@ -323,6 +326,11 @@ class Transport:
         return caps
 
     @property
+    def submit_headers(self) -> Mapping[str, str]:
+        """Headers for a request that creates a future: ask for the result inline where the server can."""
+        return INLINE_WAIT if self._features is not None and "inline_result" in self._features else {}
+
+    @property
     def seq_mode(self) -> bool:
         """Whether the server orders training requests by their ``seq_id`` (known after the first request)."""
         return self._features is not None and "seq_id" in self._features
@@ -468,6 +476,7 @@ class Transport:
         request_type: str,
         model_id: str | None = None,
         roundtrip: float | None = None,
+        inline: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET,
     ) -> T:
         """Long-poll ``retrieve_future`` until the result is there (PROTOCOL.md §3.2-3.3).
 
@@ -504,10 +513,15 @@ class Transport:
             sent = time.monotonic()
             hint: float | None = None
             try:
-                async with session.post(url, data=data, headers=headers, timeout=timeout) as resp:
-                    payload = await resp.read()
-                    status, content_type = resp.status, resp.content_type
-                    resp_headers = resp.headers
+                if inline is not msgspec.UNSET:  # the submit's answer carried the result ("inline_result")
+                    payload, status, content_type = bytes(inline), 200, (MSGPACK if msgpack else JSON)
+                    resp_headers: Mapping[str, str] = {}
+                    inline = msgspec.UNSET
+                else:
+                    async with session.post(url, data=data, headers=headers, timeout=timeout) as resp:
+                        payload = await resp.read()
+                        status, content_type = resp.status, resp.content_type
+                        resp_headers = resp.headers
             except connection_errors() as exc:
                 failure = _describe(exc)
             else:

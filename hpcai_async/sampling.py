@@ -78,7 +78,7 @@ class SamplingClient:
                 UntypedAPIFuture,
                 body=body,
                 key=transport.unordered_key(),
-                headers=_BACKPRESSURE_HEADERS,
+                headers={**_BACKPRESSURE_HEADERS, **transport.submit_headers},
                 backpressure=True,
             )
             try:
@@ -87,6 +87,7 @@ class SamplingClient:
                     SampleResponse,
                     request_type="Sample",
                     roundtrip=time.monotonic() - sent,
+                    inline=submitted.result,
                 )
             except GoneError:
                 # the server dropped the future (a restart, an expiry): sample again while the budget lasts

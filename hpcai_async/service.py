@@ -154,12 +154,17 @@ class ServiceClient:
     async def _create_model(self, base_model: str, lora: LoraConfig) -> str:
         started = time.monotonic()
         body = CreateModelRequest(base_model=base_model, lora_config=lora)
-        submitted = await self._transport.request("POST", "create_model", UntypedAPIFuture, body=body)
-        created = await self._transport.poll(
+        transport = self._transport
+        await transport.features()  # which extensions the submit may use (fetched once per ServiceClient)
+        submitted = await transport.request(
+            "POST", "create_model", UntypedAPIFuture, body=body, headers=transport.submit_headers
+        )
+        created = await transport.poll(
             submitted.request_id,
             CreateModelResponse,
             request_type="CreateModel",
             roundtrip=time.monotonic() - started,
+            inline=submitted.result,
         )
         return created.model_id
 

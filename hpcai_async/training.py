@@ -310,12 +310,17 @@ class TrainingClient:
             raise
         if isinstance(body, LoadWeightsRequest) and _OPTIMIZER_FEATURE not in features:
             body.optimizer = msgspec.UNSET  # the official protocol has no such field
+        headers = self._transport.submit_headers if result is UntypedAPIFuture else None
         if "seq_id" in features:
             body.seq_id = n + 1
-            return await self._transport.request("POST", path, result, body=body, key=self._key(n))
+            return await self._transport.request(
+                "POST", path, result, body=body, key=self._key(n), headers=headers
+            )
         try:
             await self._wait_turn(n)
-            return await self._transport.request("POST", path, result, body=body, key=self._key(n))
+            return await self._transport.request(
+                "POST", path, result, body=body, key=self._key(n), headers=headers
+            )
         finally:
             self._end_turn(n)
 
@@ -335,6 +340,7 @@ class TrainingClient:
             request_type=request_type,
             model_id=future.model_id or self.model_id,
             roundtrip=time.monotonic() - started,
+            inline=future.result,
         )
 
     async def _submitted(self, started: Sequence[_Started[Any]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 from msgspec import UNSET, Struct, UnsetType
@@ -354,6 +355,9 @@ class FutureRetrieveRequest(Struct, kw_only=True):
 class UntypedAPIFuture(Struct, kw_only=True):
     request_id: str
     model_id: str | None = None
+    # Ours ("inline_result"): the job's answer, already encoded as retrieve_future would give it, when it was
+    # ready within the wait the client asked for; this saves the retrieve_future round trip.
+    result: msgspec.Raw | UnsetType = UNSET
 
 
 class TryAgainResponse(Struct, kw_only=True):

@@ -23,6 +23,16 @@ LOOPS = ["asyncio", "uvloop"] if uvloop is not None else ["asyncio"]
 # The capabilities of a server that speaks only the official protocol (the hosted service): injected through
 # the fault proxy, they make the client fall back to turn-taking, JSON and no extension fields.
 PLAIN_CAPABILITIES = b'{"supported_models": [{"model_name": "null/instant"}]}'
+# Our server's extensions less "inline_result": every result is then fetched with retrieve_future.
+POLLING_CAPABILITIES = (
+    b'{"supported_models": [{"model_name": "null/instant"}], '
+    b'"features": ["seq_id", "msgpack", "long_poll", "load_optimizer"]}'
+)
+
+
+def without_inline_results(proxy: Any) -> None:
+    """Make a client behind ``proxy`` poll for every result, so faults injected on retrieve_future apply."""
+    proxy.inject("get_server_capabilities", "status", status=200, body=POLLING_CAPABILITIES)
 
 
 class HasURL(Protocol):

@@ -9,7 +9,7 @@ import itertools
 import time
 
 import pytest
-from client_fixtures import HasURL, client, run, small_batch
+from client_fixtures import HasURL, client, run, small_batch, without_inline_results
 from fault_proxy import FaultProxy
 
 from hpcai_async import (
@@ -123,6 +123,7 @@ def test_unreachable_server_exhausts_the_budget_with_a_connection_error(null_ser
 
 def test_polling_survives_5xx_resets_and_408(null_server: HasURL) -> None:
     with FaultProxy(null_server.url) as proxy:
+        without_inline_results(proxy)
 
         async def main() -> None:
             async with client(null_server, base_url=proxy.url) as service:
@@ -141,6 +142,7 @@ def test_polling_survives_5xx_resets_and_408(null_server: HasURL) -> None:
 
 def test_a_failed_job_raises_request_failed_error(null_server: HasURL) -> None:
     with FaultProxy(null_server.url) as proxy:
+        without_inline_results(proxy)
 
         async def main() -> None:
             async with client(null_server, base_url=proxy.url) as service:
@@ -158,6 +160,7 @@ def test_a_failed_job_raises_request_failed_error(null_server: HasURL) -> None:
 
 def test_an_expired_future_is_gone(null_server: HasURL) -> None:
     with FaultProxy(null_server.url) as proxy:
+        without_inline_results(proxy)
 
         async def main() -> None:
             async with client(null_server, base_url=proxy.url) as service:
@@ -182,6 +185,7 @@ def test_an_expired_future_is_gone(null_server: HasURL) -> None:
 def test_quick_try_again_is_polled_with_short_growing_pauses(null_server: HasURL) -> None:
     """The proxy answers try_again at once 20 times: the client pauses ~20 % of the time waited, not 0.5 s."""
     with FaultProxy(null_server.url) as proxy:
+        without_inline_results(proxy)
 
         async def main() -> float:
             async with client(null_server, base_url=proxy.url) as service:
@@ -233,6 +237,7 @@ def test_sampling_429_is_a_shared_backpressure_window(null_server: HasURL) -> No
 
 def test_result_timeout_raises_timeout_error_and_the_work_goes_on(null_server: HasURL) -> None:
     with FaultProxy(null_server.url) as proxy, client(null_server, base_url=proxy.url) as service:
+        without_inline_results(proxy)
         tc = service.create_lora_training_client(NULL_MODEL, rank=4)
         proxy.inject("retrieve_future", "delay", delay=0.4, times=5)
         fut = tc.optim_step(types.AdamParams())
@@ -254,6 +259,7 @@ def test_result_timeout_raises_timeout_error_and_the_work_goes_on(null_server: H
 
 def test_cancel_stops_polling(null_server: HasURL) -> None:
     with FaultProxy(null_server.url) as proxy:
+        without_inline_results(proxy)
 
         async def main() -> None:
             async with client(null_server, base_url=proxy.url) as service:
@@ -276,6 +282,7 @@ def test_cancel_stops_polling(null_server: HasURL) -> None:
 
 def test_sync_future_cancel(null_server: HasURL) -> None:
     with FaultProxy(null_server.url) as proxy, client(null_server, base_url=proxy.url) as service:
+        without_inline_results(proxy)
         tc = service.create_lora_training_client(NULL_MODEL, rank=4)
         proxy.inject("retrieve_future", "status", status=200, body=b'{"type": "try_again"}', times=10_000)
         fut = tc.forward(small_batch(1))
@@ -286,3 +293,27 @@ def test_sync_future_cancel(null_server: HasURL) -> None:
         time.sleep(0.3)
         assert len(proxy.find("retrieve_future")) == polls
         assert fut.cancelled()
+
+
+def test_instant_results_come_inline_without_a_retrieve_future(null_server: HasURL) -> None:
+    """Where the server offers "inline_result", a job done within the wait needs one request, not two."""
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+                fb = await tc.forward_backward_async(small_batch(2))
+                opt = await tc.optim_step_async(types.AdamParams())
+                assert len((await fb).loss_fn_outputs) == 2
+                assert ((await opt).metrics or {})["step:max"] == 1
+                sampler = service.create_sampling_client(base_model=NULL_MODEL)
+                sample = await sampler.sample_async(
+                    types.ModelInput.from_ints([1]), 3, types.SamplingParams(max_tokens=2)
+                )
+                assert len(sample.sequences) == 3
+
+        run(main)
+    submits = proxy.find("forward_backward") + proxy.find("optim_step") + proxy.find("asample")
+    assert len(submits) == 3
+    assert all(r.headers["x-hpcai-async-inline-wait"] for r in submits)
+    assert proxy.find("retrieve_future") == []

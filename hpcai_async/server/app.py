@@ -55,7 +55,9 @@ log = logging.getLogger("hpcai_async.server")
 
 T = TypeVar("T")
 
-FEATURES = ["seq_id", "msgpack", "long_poll", "load_optimizer"]
+FEATURES = ["seq_id", "msgpack", "long_poll", "load_optimizer", "inline_result"]
+INLINE_WAIT_HEADER = "X-HpcAI-Async-Inline-Wait"  # seconds the submit may be held for the result
+INLINE_WAIT_MAX = 0.05  # s: a held submit still answers quickly; longer jobs are long-polled as usual
 MAX_LORA_RANK = 256
 DEFAULT_LORA_RANK = 32  # the SDK's create_lora_training_client default
 MAX_BODY_BYTES = 1 << 30
@@ -115,13 +117,26 @@ async def decode_body(request: web.Request, cls: type[T]) -> tuple[T, bytes]:
         ) from None
 
 
-def reply(request: web.Request, obj: Any, status: int = 200) -> web.Response:
+def _wants_msgpack(request: web.Request) -> bool:
+    return "application/msgpack" in request.headers.get("Accept", "")
+
+
+def encode_for(request: web.Request, obj: Any) -> bytes:
     """``obj`` as MessagePack if the request's Accept names it, else JSON."""
-    if "application/msgpack" in request.headers.get("Accept", ""):
-        return web.Response(
-            body=_MSGPACK_ENCODER.encode(obj), status=status, content_type="application/msgpack"
-        )
-    return web.Response(body=_JSON_ENCODER.encode(obj), status=status, content_type="application/json")
+    return (_MSGPACK_ENCODER if _wants_msgpack(request) else _JSON_ENCODER).encode(obj)
+
+
+def reply(request: web.Request, obj: Any, status: int = 200) -> web.Response:
+    content_type = "application/msgpack" if _wants_msgpack(request) else "application/json"
+    return web.Response(body=encode_for(request, obj), status=status, content_type=content_type)
+
+
+def _inline_wait(request: web.Request) -> float:
+    """How long the client will wait for the result inside the submit answer ("inline_result")."""
+    try:
+        return min(float(request.headers.get(INLINE_WAIT_HEADER, 0)), INLINE_WAIT_MAX)
+    except ValueError:
+        return 0.0
 
 
 def error_reply(request: web.Request, status: int, error: str, message: str) -> web.Response:
@@ -180,8 +195,15 @@ class Routes:
 
     # -------------------------------------------------------------------------------------------- helpers
 
-    def _future(self, request: web.Request, record: Record) -> web.Response:
-        return reply(request, types.UntypedAPIFuture(request_id=record.request_id, model_id=record.model_id))
+    async def _future(self, request: web.Request, record: Record) -> web.Response:
+        """The future of a submitted job; with the result inside when the client asked to wait for it."""
+        future = types.UntypedAPIFuture(request_id=record.request_id, model_id=record.model_id)
+        wait = _inline_wait(request)
+        if wait > 0 and await self.scheduler.wait(record, wait):
+            outcome = record.error if record.error is not None else record.result
+            future.result = msgspec.Raw(encode_for(request, outcome))
+            self.scheduler.delivered(record)
+        return reply(request, future)
 
     def _supported(self) -> list[str]:
         return [m.model_name for m in self.engine.supported_models() if m.model_name]
@@ -243,7 +265,7 @@ class Routes:
         seq = _seq(req.seq_id)
         dup = self.scheduler.find_duplicate(key, fingerprint, req.model_id, seq)
         if dup is not None:
-            return self._future(request, dup)
+            return await self._future(request, dup)
         model = self._model(req.model_id)
         try:
             fn = prepare(req, model)
@@ -264,7 +286,7 @@ class Routes:
             on_done=on_done(model) if on_done else None,
         )
         self.store.touch(model.model_id)
-        return self._future(request, record)
+        return await self._future(request, record)
 
     def _skip(self, request: web.Request, raw: bytes, fingerprint: bytes, error: APIError) -> None:
         """For a body that failed to decode: if model_id and seq_id can still be read, pass that turn."""
@@ -300,7 +322,7 @@ class Routes:
         key = request.headers.get("X-Idempotency-Key") or None
         dup = self.scheduler.find_duplicate(key, fingerprint)
         if dup is not None:
-            return self._future(request, dup)
+            return await self._future(request, dup)
         self._check_base_model(req.base_model)
         lora = req.lora_config or types.LoraConfig(rank=DEFAULT_LORA_RANK)
         if not 1 <= lora.rank <= MAX_LORA_RANK:
@@ -341,7 +363,7 @@ class Routes:
         record = self.scheduler.submit(
             "create_model", run, fingerprint=fingerprint, idem_key=key, model_id=model_id, on_done=done
         )
-        return self._future(request, record)
+        return await self._future(request, record)
 
     def _info(self, model_id: str) -> types.GetInfoResponse:
         model = self.scheduler.models.get(model_id)
@@ -612,7 +634,7 @@ class Routes:
         return self.scheduler.submit_sample(job, fingerprint=fingerprint, idem_key=key)
 
     async def asample(self, request: web.Request) -> web.Response:
-        return self._future(request, await self._submit_sample(request))
+        return await self._future(request, await self._submit_sample(request))
 
     async def sample(self, request: web.Request) -> web.Response:
         return await self._direct(request, await self._submit_sample(request))
