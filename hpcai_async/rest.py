@@ -17,7 +17,7 @@ from typing import Any, Literal, NamedTuple
 from urllib.parse import quote
 
 from ._errors import ConfigurationError
-from ._http import Transport, aiohttp_module
+from ._http import Answer, Transport, aiohttp_module
 from ._loop import LoopBinding, future, on_client_loop
 from .types import CheckpointsListResponse, TrainingRun, TrainingRunsResponse
 
@@ -153,7 +153,8 @@ class RestClient:
         async def attempt() -> None:
             async with session.get(url, headers={"Accept": "application/gzip"}) as resp:
                 if resp.status >= 300:
-                    raise transport.failure("GET", path, resp, await resp.read())
+                    answer = Answer(resp.status, await resp.read(), resp.content_type, resp.headers)
+                    raise transport.failure("GET", path, answer)
                 total = resp.content_length
                 written = 0
                 if bar is not None:

@@ -80,6 +80,7 @@ class SamplingClient:
                 key=transport.unordered_key(),
                 headers={**_BACKPRESSURE_HEADERS, **transport.submit_headers},
                 backpressure=True,
+                batch=True,
             )
             try:
                 return await transport.poll(

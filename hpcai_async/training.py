@@ -314,7 +314,7 @@ class TrainingClient:
         if "seq_id" in features:
             body.seq_id = n + 1
             return await self._transport.request(
-                "POST", path, result, body=body, key=self._key(n), headers=headers
+                "POST", path, result, body=body, key=self._key(n), headers=headers, batch=True
             )
         try:
             await self._wait_turn(n)

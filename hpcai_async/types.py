@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 __all__ = (
     "AdamParams",
+    "BatchAnswer",
+    "BatchItem",
+    "BatchRequest",
+    "BatchResponse",
     "Checkpoint",
     "CheckpointsListResponse",
     "CreateModelRequest",
@@ -358,6 +362,30 @@ class UntypedAPIFuture(Struct, kw_only=True):
     # Ours ("inline_result"): the job's answer, already encoded as retrieve_future would give it, when it was
     # ready within the wait the client asked for; this saves the retrieve_future round trip.
     result: msgspec.Raw | UnsetType = UNSET
+
+
+# Ours ("batch"): many requests in one POST /api/v1/batch. Each body is exactly what the request would send on
+# its own (in the batch's format), and each answer exactly what it would get: the same dedupe, ordering and
+# errors, one HTTP round trip instead of one per request.
+
+
+class BatchItem(Struct, kw_only=True):
+    path: str  # the route under /api/v1, e.g. "forward_backward"
+    body: msgspec.Raw
+    idempotency_key: str | None = None
+
+
+class BatchRequest(Struct, kw_only=True):
+    requests: list[BatchItem]
+
+
+class BatchAnswer(Struct, kw_only=True):
+    status: int
+    body: msgspec.Raw
+
+
+class BatchResponse(Struct, kw_only=True):
+    responses: list[BatchAnswer]
 
 
 class TryAgainResponse(Struct, kw_only=True):

@@ -83,6 +83,7 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self.port = 0
 
     @property
@@ -147,6 +148,10 @@ class FaultProxy:
             server.close()
             for writer in list(self._writers):
                 writer.transport.abort()
+            handlers = list(self._handlers)  # some may still sleep in a "delay" fault
+            for handler in handlers:
+                handler.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
             await server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(shutdown(), loop).result(5)
@@ -159,6 +164,9 @@ class FaultProxy:
     # ----------------------------------------------------------------------------------------- proxying
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
         self._writers.add(writer)
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
@@ -202,6 +210,7 @@ class FaultProxy:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._handlers.discard(handler)
             self._writers.discard(writer)
             writer.close()
             if upstream is not None:

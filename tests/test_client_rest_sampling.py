@@ -12,7 +12,14 @@ import pytest
 from client_fixtures import LOOPS, HasURL, client, run, small_batch
 from fault_proxy import FaultProxy
 
-from hpcai_async import ConfigurationError, NotFoundError, RetryBudgetExceededError, ServiceClient, types
+from hpcai_async import (
+    APIConnectionError,
+    ConfigurationError,
+    NotFoundError,
+    RetryBudgetExceededError,
+    ServiceClient,
+    types,
+)
 
 NULL_MODEL = "null/instant"
 BUILTIN = "hpcai-async/tiny-qwen3"
@@ -31,6 +38,28 @@ def test_many_concurrent_samples(null_server: HasURL, loop: str) -> None:
             assert len(logprobs) == 3 and logprobs[0] is None
 
     run(main, loop)
+
+
+def test_requests_waiting_for_a_batch_fail_cleanly_when_the_client_closes(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+        proxy.inject("asample", "delay", delay=0.5, times=2)  # both slots busy: the rest wait for a batch
+
+        async def main() -> list[BaseException | types.SampleResponse]:
+            service = client(null_server, base_url=proxy.url)
+            sampler = service.create_sampling_client(base_model=NULL_MODEL)
+            prompt = types.ModelInput.from_ints([1, 2, 3])
+            await service.get_server_capabilities_async()
+            calls = [
+                asyncio.ensure_future(sampler.sample_async(prompt, 1, types.SamplingParams(max_tokens=2)))
+                for _ in range(5)
+            ]
+            await asyncio.sleep(0.1)
+            await service.aclose()
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        outcomes = run(main)
+    assert all(isinstance(o, APIConnectionError) and "closed" in str(o) for o in outcomes), outcomes
+    assert len(proxy.find("asample")) == 2 and not proxy.find("batch")
 
 
 def test_sampling_the_builtin_model_and_prompt_logprobs(server: HasURL) -> None:

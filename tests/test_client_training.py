@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 from client_fixtures import LOOPS, PLAIN_CAPABILITIES, HasURL, client, datum, run, small_batch
@@ -120,6 +121,51 @@ def test_requests_are_pipelined_not_waiting_for_results(null_server: HasURL) -> 
                 assert submitted < 0.4, submitted
 
         run(main)
+
+
+def _batched_items(proxy: FaultProxy) -> list[tuple[str, str]]:
+    """(path, idempotency key) of every request the proxy saw inside a POST batch."""
+    items = []
+    for r in proxy.find("batch"):
+        decode = msgspec.msgpack.decode if "msgpack" in r.headers["content-type"] else msgspec.json.decode
+        items += [(i["path"], i["idempotency_key"]) for i in decode(r.body)["requests"]]
+    return items
+
+
+@pytest.mark.parametrize("fault", [None, "reset"])
+def test_a_burst_of_calls_goes_out_in_a_few_batches_in_order_and_once(
+    null_server: HasURL, fault: str
+) -> None:
+    """200 pipelined calls: a few HTTP requests; each runs once, in call order, even if a batch is lost."""
+    with FaultProxy(null_server.url) as proxy:
+        if fault:  # the server runs the first batch, the client never sees the answer: each request retries
+            proxy.inject("/api/v1/batch", "reset", after=True)
+
+        async def main() -> list[Any]:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+                futures = []
+                for _ in range(100):
+                    futures.append(await tc.forward_backward_async(small_batch(1), "cross_entropy"))
+                    futures.append(await tc.optim_step_async(types.AdamParams(learning_rate=1e-3)))
+                return await asyncio.gather(*futures)
+
+        results = run(main)
+    assert [r.metrics["step:max"] for r in results[0::2]] == list(range(100))
+    assert [r.metrics["step:max"] for r in results[1::2]] == list(range(1, 101))
+    single = [
+        (r.endpoint, r.headers["x-idempotency-key"])
+        for r in proxy.requests
+        if r.endpoint in ("forward_backward", "optim_step")
+    ]
+    batched = _batched_items(proxy)
+    keys = {key for _, key in single + batched}
+    assert len(keys) == 200  # every call went out, under its own key
+    if fault:  # the lost batch's requests went again, and the server ran each once (the step counts above)
+        assert len(single) + len(batched) > 200
+    else:
+        assert len(single) + len(batched) == 200
+        assert len(single) <= 2 * 2 and 1 <= len(proxy.find("batch")) <= 20  # a slot is freed at most twice
 
 
 def test_chunking_end_to_end(null_server: HasURL) -> None:

@@ -587,6 +587,66 @@ def test_a_reused_key_or_seq_id_with_a_different_body_is_409(null_server: LocalS
     wire_test(null_server, body)
 
 
+# ------------------------------------------------------------------------------------------------ batch
+
+
+def test_a_batch_answers_each_request_as_if_it_came_alone(null_server: LocalServer) -> None:
+    inline = {"X-HpcAI-Async-Inline-Wait": "0.05"}
+
+    async def body(w: Wire) -> None:
+        model_id = await w.create()
+        bad = fb_body(model_id, [ce_datum([1, 2, 3])], seq_id=4)
+        bad["forward_backward_input"]["data"][0]["loss_fn_inputs"]["weights"]["data"] = [1]
+        items = [
+            {"path": "optim_step", "body": adam_body(model_id, seq_id=2), "idempotency_key": "s:0:1"},
+            {"path": "optim_step", "body": adam_body(model_id, seq_id=1), "idempotency_key": "s:0:0"},
+            {"path": "forward", "body": fwd_body(model_id, seq_id=3)},
+            {"path": "forward_backward", "body": bad},
+            {"path": "retrieve_future", "body": {"request_id": "x"}},
+            {"path": "get_info", "body": {"model_id": model_id, "seq_id": 5}},
+            {"path": "asample", "body": sample_body(base_model=NULL_MODEL)},
+            {"path": "forward", "body": fwd_body(model_id, seq_id=6)},
+        ]
+        status, out = await w.post("batch", {"requests": items}, headers=inline)
+        assert status == 200, out
+        answers = out["responses"]
+        assert [a["status"] for a in answers] == [200, 200, 200, 400, 400, 200, 200, 200]
+        steps = [answers[i]["body"]["result"]["metrics"]["step:max"] for i in (0, 1, 2, 7)]
+        assert steps == [2, 1, 2, 2]  # in seq_id order; the rejected seq_id 4 passed its turn
+        assert "weights" in answers[3]["body"]["message"]
+        assert "cannot be batched" in answers[4]["body"]["message"]
+        assert answers[5]["body"]["model_id"] == model_id  # get_info answers directly
+        assert answers[6]["body"]["result"]["type"] == "sample"
+        # dedupe spans batches and single requests: the same key is the same future, run once
+        again = await w.submit(
+            "optim_step", adam_body(model_id, seq_id=2), headers={"X-Idempotency-Key": "s:0:1"}
+        )
+        assert again["request_id"] == answers[0]["body"]["request_id"]
+        # MessagePack: the requests and answers are MessagePack inside MessagePack
+        packed = [{"path": "forward", "body": fwd_body(model_id, seq_id=7)}]
+        status, out = await w.post("batch", {"requests": packed}, headers=inline, msgpack=True)
+        assert status == 200 and out["responses"][0]["body"]["result"]["metrics"]["step:max"] == 2
+        # without the inline wait each answer is the future, as a single submit's would be
+        status, out = await w.post("batch", {"requests": [{"path": "forward", "body": fwd_body(model_id)}]})
+        assert set(out["responses"][0]["body"]) == {"request_id", "model_id"}
+        assert (await w.result(out["responses"][0]["body"]))["metrics"]["step:max"] == 2
+
+    wire_test(null_server, body)
+
+
+def test_a_malformed_or_oversized_batch_is_400_and_runs_nothing(null_server: LocalServer) -> None:
+    async def body(w: Wire) -> None:
+        model_id = await w.create()
+        one = {"path": "optim_step", "body": adam_body(model_id)}
+        status, out = await w.post("batch", {"requests": [one] * 1025})
+        assert status == 400 and "at most 1024" in out["message"], out
+        status, out = await w.post("batch", {"requests": [{"body": adam_body(model_id)}]})
+        assert status == 400 and "requests[0]" in out["message"] and "path" in out["message"], out
+        assert (await w.call("forward", fwd_body(model_id)))["metrics"]["step:max"] == 0
+
+    wire_test(null_server, body)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 

@@ -16,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
 import math
 import re
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -55,7 +56,7 @@ log = logging.getLogger("hpcai_async.server")
 
 T = TypeVar("T")
 
-FEATURES = ["seq_id", "msgpack", "long_poll", "load_optimizer", "inline_result"]
+FEATURES = ["seq_id", "msgpack", "long_poll", "load_optimizer", "inline_result", "batch"]
 INLINE_WAIT_HEADER = "X-HpcAI-Async-Inline-Wait"  # seconds the submit may be held for the result
 INLINE_WAIT_MAX = 0.05  # s: a held submit still answers quickly; longer jobs are long-polled as usual
 MAX_LORA_RANK = 256
@@ -68,6 +69,47 @@ _DECODERS: dict[tuple[type[Any], bool], Any] = {}
 _PATH_RE = re.compile(r" - at `\$\.?(.*)`$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BATCH_MAX_ITEMS = 1024
+# The routes a batch may carry: the requests that submit a job (and get_info), not polls or REST.
+BATCH_ROUTES = (
+    "get_info",
+    "unload_model",
+    "forward",
+    "forward_backward",
+    "optim_step",
+    "save_weights",
+    "save_weights_for_sampler",
+    "load_weights",
+    "asample",
+)
+
+
+class Incoming(Protocol):
+    """What a route handler reads of a request: an HTTP request, or one request of a batch."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def content_type(self) -> str: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    async def read(self) -> bytes: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _BatchItem:
+    """One request of a ``POST /api/v1/batch``: its own path, body and key; the batch's other headers."""
+
+    path: str
+    content_type: str
+    headers: Mapping[str, str]
+    body: bytes
+
+    async def read(self) -> bytes:
+        return self.body
 
 
 # ------------------------------------------------------------------------------------------------ codecs
@@ -96,7 +138,7 @@ def _friendly(exc: msgspec.ValidationError) -> str:
     return f"invalid request body: {text}"
 
 
-async def decode_body(request: web.Request, cls: type[T]) -> tuple[T, bytes]:
+async def decode_body(request: Incoming, cls: type[T]) -> tuple[T, bytes]:
     """The body as ``cls`` (JSON, or MessagePack by Content-Type) and its raw bytes; 400 naming the field."""
     raw = await request.read()
     msgpack = request.content_type in _MSGPACK_TYPES
@@ -117,21 +159,21 @@ async def decode_body(request: web.Request, cls: type[T]) -> tuple[T, bytes]:
         ) from None
 
 
-def _wants_msgpack(request: web.Request) -> bool:
+def _wants_msgpack(request: Incoming) -> bool:
     return "application/msgpack" in request.headers.get("Accept", "")
 
 
-def encode_for(request: web.Request, obj: Any) -> bytes:
+def encode_for(request: Incoming, obj: Any) -> bytes:
     """``obj`` as MessagePack if the request's Accept names it, else JSON."""
     return (_MSGPACK_ENCODER if _wants_msgpack(request) else _JSON_ENCODER).encode(obj)
 
 
-def reply(request: web.Request, obj: Any, status: int = 200) -> web.Response:
+def reply(request: Incoming, obj: Any, status: int = 200) -> web.Response:
     content_type = "application/msgpack" if _wants_msgpack(request) else "application/json"
     return web.Response(body=encode_for(request, obj), status=status, content_type=content_type)
 
 
-def _inline_wait(request: web.Request) -> float:
+def _inline_wait(request: Incoming) -> float:
     """How long the client will wait for the result inside the submit answer ("inline_result")."""
     try:
         return min(float(request.headers.get(INLINE_WAIT_HEADER, 0)), INLINE_WAIT_MAX)
@@ -139,7 +181,7 @@ def _inline_wait(request: web.Request) -> float:
         return 0.0
 
 
-def error_reply(request: web.Request, status: int, error: str, message: str) -> web.Response:
+def error_reply(request: Incoming, status: int, error: str, message: str) -> web.Response:
     return reply(request, types.ErrorResponse(error=error, message=message), status)
 
 
@@ -150,7 +192,7 @@ class _SeqOnly(msgspec.Struct):
     seq_id: int | msgspec.UnsetType = msgspec.UNSET
 
 
-def _fingerprint(request: web.Request, raw: bytes) -> bytes:
+def _fingerprint(request: Incoming, raw: bytes) -> bytes:
     return hashlib.sha256(request.path.encode() + b"\0" + raw).digest()
 
 
@@ -185,6 +227,9 @@ class Routes:
         self.store = store
         self.api_key = api_key
         self.io = io
+        self._batch_routes: dict[str, Callable[[Incoming], Awaitable[web.Response]]] = {
+            name: getattr(self, name) for name in BATCH_ROUTES
+        }
 
     @property
     def engine(self) -> EngineAPI:
@@ -195,7 +240,7 @@ class Routes:
 
     # -------------------------------------------------------------------------------------------- helpers
 
-    async def _future(self, request: web.Request, record: Record) -> web.Response:
+    async def _future(self, request: Incoming, record: Record) -> web.Response:
         """The future of a submitted job; with the result inside when the client asked to wait for it."""
         future = types.UntypedAPIFuture(request_id=record.request_id, model_id=record.model_id)
         wait = _inline_wait(request)
@@ -243,7 +288,7 @@ class Routes:
 
     async def _ordered(
         self,
-        request: web.Request,
+        request: Incoming,
         cls: type[Any],
         kind: str,
         prepare: Callable[[Any, ModelState], Callable[[], Any]],
@@ -288,7 +333,7 @@ class Routes:
         self.store.touch(model.model_id)
         return await self._future(request, record)
 
-    def _skip(self, request: web.Request, raw: bytes, fingerprint: bytes, error: APIError) -> None:
+    def _skip(self, request: Incoming, raw: bytes, fingerprint: bytes, error: APIError) -> None:
         """For a body that failed to decode: if model_id and seq_id can still be read, pass that turn."""
         try:
             ids = _decoder(_SeqOnly, request.content_type in _MSGPACK_TYPES).decode(raw)
@@ -385,7 +430,7 @@ class Routes:
             model_name=base,
         )
 
-    async def get_info(self, request: web.Request) -> web.Response:
+    async def get_info(self, request: Incoming) -> web.Response:
         req, raw = await decode_body(request, types.ModelIdRequest)
         seq = _seq(req.seq_id)
         info = self._info(req.model_id)
@@ -407,7 +452,7 @@ class Routes:
             )
         return await self._direct(request, record)
 
-    async def _direct(self, request: web.Request, record: Record) -> web.Response:
+    async def _direct(self, request: Incoming, record: Record) -> web.Response:
         """Wait for ``record`` and answer its result directly (for the synchronous routes)."""
         if not await self.scheduler.wait(record, None):
             return error_reply(
@@ -418,7 +463,7 @@ class Routes:
             return reply(request, record.error, _status_of(record.error.error))
         return reply(request, record.result)
 
-    async def unload_model(self, request: web.Request) -> web.Response:
+    async def unload_model(self, request: Incoming) -> web.Response:
         engine, store = self.engine, self.store
 
         def prepare(req: types.ModelIdRequest, model: ModelState) -> Callable[[], Any]:
@@ -462,12 +507,12 @@ class Routes:
 
         return prepare
 
-    async def forward(self, request: web.Request) -> web.Response:
+    async def forward(self, request: Incoming) -> web.Response:
         return await self._ordered(
             request, types.ForwardRequest, "forward", self._batch("forward_input", False)
         )
 
-    async def forward_backward(self, request: web.Request) -> web.Response:
+    async def forward_backward(self, request: Incoming) -> web.Response:
         return await self._ordered(
             request,
             types.ForwardBackwardRequest,
@@ -475,7 +520,7 @@ class Routes:
             self._batch("forward_backward_input", True),
         )
 
-    async def optim_step(self, request: web.Request) -> web.Response:
+    async def optim_step(self, request: Incoming) -> web.Response:
         engine = self.engine
 
         def prepare(req: types.OptimStepRequest, model: ModelState) -> Callable[[], Any]:
@@ -537,15 +582,15 @@ class Routes:
 
         return prepare
 
-    async def save_weights(self, request: web.Request) -> web.Response:
+    async def save_weights(self, request: Incoming) -> web.Response:
         return await self._ordered(request, types.SaveWeightsRequest, "save_weights", self._save("training"))
 
-    async def save_weights_for_sampler(self, request: web.Request) -> web.Response:
+    async def save_weights_for_sampler(self, request: Incoming) -> web.Response:
         return await self._ordered(
             request, types.SaveWeightsRequest, "save_weights_for_sampler", self._save("sampler")
         )
 
-    async def load_weights(self, request: web.Request) -> web.Response:
+    async def load_weights(self, request: Incoming) -> web.Response:
         engine, store = self.engine, self.store
 
         def prepare(req: types.LoadWeightsRequest, model: ModelState) -> Callable[[], Any]:
@@ -623,7 +668,7 @@ class Routes:
             raise BadRequestError(exc.message if isinstance(exc, APIError) else str(exc)) from None
         return job
 
-    async def _submit_sample(self, request: web.Request) -> Record:
+    async def _submit_sample(self, request: Incoming) -> Record:
         req, raw = await decode_body(request, types.SampleRequest)
         fingerprint = _fingerprint(request, raw)
         key = request.headers.get("X-Idempotency-Key") or None
@@ -633,10 +678,10 @@ class Routes:
         job = self._sample_job(req)
         return self.scheduler.submit_sample(job, fingerprint=fingerprint, idem_key=key)
 
-    async def asample(self, request: web.Request) -> web.Response:
+    async def asample(self, request: Incoming) -> web.Response:
         return await self._future(request, await self._submit_sample(request))
 
-    async def sample(self, request: web.Request) -> web.Response:
+    async def sample(self, request: Incoming) -> web.Response:
         return await self._direct(request, await self._submit_sample(request))
 
     # -------------------------------------------------------------------------------------------- futures
@@ -649,6 +694,48 @@ class Routes:
             self.scheduler.delivered(record)
             return response
         return reply(request, types.TryAgainResponse(request_id=record.request_id, queue_state="active"))
+
+    # -------------------------------------------------------------------------------------------- batch
+
+    async def batch(self, request: web.Request) -> web.Response:
+        """``POST /api/v1/batch`` ("batch" extension): answer every request of the batch as if sent alone.
+
+        The requests are taken in order (so are their seq_ids and dedupe keys) and answered together, each
+        with its own status; one request failing does not fail the others. The batch's ``Accept`` and inline
+        wait apply to every request.
+        """
+        batch, _ = await decode_body(request, types.BatchRequest)
+        if len(batch.requests) > BATCH_MAX_ITEMS:
+            raise BadRequestError(
+                f"requests: a batch holds at most {BATCH_MAX_ITEMS} requests, got {len(batch.requests)}; "
+                "split it"
+            )
+        shared = {
+            name: value
+            for name in ("Accept", INLINE_WAIT_HEADER)
+            if (value := request.headers.get(name)) is not None
+        }
+        answers = await asyncio.gather(*(self._batch_answer(request, i, shared) for i in batch.requests))
+        return reply(request, types.BatchResponse(responses=list(answers)))
+
+    async def _batch_answer(
+        self, request: web.Request, item: types.BatchItem, shared: dict[str, str]
+    ) -> types.BatchAnswer:
+        headers = dict(shared)
+        if item.idempotency_key:
+            headers["X-Idempotency-Key"] = item.idempotency_key
+        incoming = _BatchItem(f"/api/v1/{item.path}", request.content_type, headers, bytes(item.body))
+        handler = self._batch_routes.get(item.path)
+        try:
+            if handler is None:
+                raise BadRequestError(
+                    f"path: {item.path!r} cannot be batched; a batch carries {', '.join(BATCH_ROUTES)}"
+                )
+            response = await handler(incoming)
+        except Exception as exc:  # what the middleware would answer, for this request alone
+            response = self._error_response(incoming, exc)
+        assert isinstance(response.body, bytes)
+        return types.BatchAnswer(status=response.status, body=msgspec.Raw(response.body))
 
     # -------------------------------------------------------------------------------------------- REST
 
@@ -732,8 +819,6 @@ class Routes:
                         "with --api-key"
                     )
             return await handler(request)
-        except APIError as exc:
-            return error_reply(request, exc.status or 500, type(exc).__name__, exc.message)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -748,13 +833,20 @@ class Routes:
             else:
                 message = exc.text or exc.reason
             return error_reply(request, exc.status, error_for_status(exc.status).__name__, message)
-        except (asyncio.CancelledError, ConnectionError):
+        except ConnectionError:
             raise
         except Exception as exc:
-            log.exception("unexpected error in %s %s", request.method, request.path)
-            return error_reply(
-                request, 500, "InternalServerError", f"unexpected server error: {type(exc).__name__}: {exc}"
-            )
+            return self._error_response(request, exc)
+
+    @staticmethod
+    def _error_response(request: Incoming, exc: Exception) -> web.Response:
+        """The error answer for ``exc``: its status and message for an APIError, else a logged 500."""
+        if isinstance(exc, APIError):
+            return error_reply(request, exc.status or 500, type(exc).__name__, exc.message)
+        log.exception("unexpected error in %s", request.path)
+        return error_reply(
+            request, 500, "InternalServerError", f"unexpected server error: {type(exc).__name__}: {exc}"
+        )
 
 
 def _status_of(error: str) -> int:
@@ -797,6 +889,7 @@ def build_app(routes: Routes) -> web.Application:
     app.router.add_post("/api/v1/asample", r.asample)
     app.router.add_post("/api/v1/sample", r.sample)
     app.router.add_post("/api/v1/retrieve_future", r.retrieve_future)
+    app.router.add_post("/api/v1/batch", r.batch)
     app.router.add_post("/api/v1/telemetry", r.telemetry)
     app.router.add_get("/api/v1/training_runs", r.list_training_runs)
     app.router.add_get("/api/v1/training_runs/{run_id}", r.get_training_run)
