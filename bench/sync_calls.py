@@ -12,6 +12,8 @@ Median of several rounds of 1000 calls after 100 warm-up calls. Run: ``python -m
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 from typing import Any
 
@@ -164,6 +166,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     cfg: dict[str, Any] = {"calls": 50, "rounds": 1} if quick else {}
     with null_server() as srv:
         o = _official.run_ours("sync_calls", "ours", {**srv.cfg(), **cfg})
+        uv: dict[str, Any] = {}
+        if os.environ.get("BENCH_UVLOOP") != "1" and importlib.util.find_spec("uvloop") is not None:
+            # the same on the [uvloop] extra, in the same run: the thread hop is what differs most
+            uv = _official.run_ours(
+                "sync_calls", "ours", {**srv.cfg(), **cfg}, env={"HPCAI_ASYNC_NO_UVLOOP": "0"}
+            )
         f = (
             {}
             if quick
@@ -178,6 +186,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             f"raw http.client, plain get_info body: {o['raw_plain_us']:.0f} µs/call; "
             f"ours awaiting get_info_async on the caller's loop: {o['async_us']:.0f} µs/call; "
             f"bare aiohttp session, same body: {o['aiohttp_us']:.0f} µs/call"
+        )
+    if uv.get("us") and uv.get("raw_us"):
+        notes.append(
+            f"with the [uvloop] extra, same run: {uv['us']:.0f} µs/call vs raw {uv['raw_us']:.0f} → "
+            f"{uv['us'] / uv['raw_us']:.2f}x raw"
         )
     notes.append(f"server: {srv.label}")
     return [

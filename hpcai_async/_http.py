@@ -83,6 +83,7 @@ INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.01"}
 BATCH_INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.05"}  # for all the results of a batch (the server's cap)
 # With "batch", requests made while others are on their way go out together in one POST batch (see _Batcher).
 BATCH_SLOTS = 2  # requests or batches on the wire at once; what comes meanwhile waits for a free slot ...
+POLL_SLOTS = 4  # (long-polls: their own slots, so polls held by the server never hold up submissions)
 BATCH_MAX_ITEMS = 256  # ... and goes with up to this many others ...
 BATCH_MAX_BYTES = 1 << 20  # ... in a batch of up to 1 MiB; a bigger body is sent on its own, never queued
 
@@ -216,13 +217,15 @@ class _Batcher:
     idempotency key, answer and retries: a failed batch fails each of its requests, and each retries as usual.
     """
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, slots: int, inline: bool) -> None:
         self.transport = transport
+        self.slots = slots
+        self.inline = inline  # ask the server to wait for the results of the batch's submits
         self.busy = 0  # slots in use
         self.waiting: list[tuple[BatchItem, int, asyncio.Future[Answer]]] = []  # (request, size, answer)
 
     async def send(self, path: str, data: bytes, headers: dict[str, str]) -> Answer:
-        if self.busy < BATCH_SLOTS and not self.waiting:
+        if self.busy < self.slots and not self.waiting:
             self.busy += 1
             try:
                 return await self.transport.send("POST", path, data, headers)
@@ -235,7 +238,7 @@ class _Batcher:
 
     def _release(self) -> None:
         self.busy -= 1
-        if not self.waiting or self.busy >= BATCH_SLOTS or self.transport.closed:
+        if not self.waiting or self.busy >= self.slots or self.transport.closed:
             return
         count, size = 0, 0
         for _, n, _ in self.waiting:
@@ -248,7 +251,7 @@ class _Batcher:
 
     async def _post(self, batch: list[tuple[BatchItem, int, asyncio.Future[Answer]]]) -> None:
         try:
-            answers = await self.transport.send_batch([item for item, _, _ in batch])
+            answers = await self.transport.send_batch([item for item, _, _ in batch], self.inline)
         except asyncio.CancelledError:  # the client is closing
             _fail(batch, APIConnectionError("this ServiceClient is closed"))
             raise
@@ -320,7 +323,10 @@ class Transport:
         self._features: frozenset[str] | None = None
         self._caps_task: asyncio.Task[GetServerCapabilitiesResponse] | None = None
         self._shutdown_hook: tuple[AsyncIterator[None], asyncio.Future[None]] | None = None
-        self._batcher = _Batcher(self)
+        self._batcher, self._poll_batcher = (
+            _Batcher(self, BATCH_SLOTS, True),
+            _Batcher(self, POLL_SLOTS, False),
+        )
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -329,7 +335,10 @@ class Transport:
         self._session = None
         self._tasks = set()
         self._caps_task = None
-        self._batcher = _Batcher(self)
+        self._batcher, self._poll_batcher = (
+            _Batcher(self, BATCH_SLOTS, True),
+            _Batcher(self, POLL_SLOTS, False),
+        )
 
     def _bound(self, loop: asyncio.AbstractEventLoop, private: bool) -> None:
         if private:
@@ -376,6 +385,7 @@ class Transport:
     async def aclose(self) -> None:
         self.closed = True
         self._batcher.close()
+        self._poll_batcher.close()
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
             task.cancel()
@@ -537,12 +547,12 @@ class Transport:
         ) as resp:
             return Answer(resp.status, await resp.read(), resp.content_type, resp.headers)
 
-    async def send_batch(self, items: list[BatchItem]) -> list[Answer]:
+    async def send_batch(self, items: list[BatchItem], inline: bool) -> list[Answer]:
         """``POST batch`` (no retries): the answer of each request, or the batch's own failure for each."""
         msgpack = self.msgpack
         data, content_type = self.encode(BatchRequest(requests=items), msgpack)
         headers = {"Content-Type": content_type, "X-Idempotency-Key": self.auto_key()}
-        if self.submit_headers:
+        if inline and self.submit_headers:
             headers.update(BATCH_INLINE_WAIT)
         if msgpack:
             headers["Accept"] = ACCEPT_MSGPACK
@@ -627,11 +637,11 @@ class Transport:
         """
         session = self.session()
         msgpack = self.msgpack
-        data = _JSON_ENCODER.encode(
-            FutureRetrieveRequest(request_id=request_id, model_id=model_id or msgspec.UNSET)
+        data, content_type = self.encode(
+            FutureRetrieveRequest(request_id=request_id, model_id=model_id or msgspec.UNSET), msgpack
         )
         headers = {
-            "Content-Type": JSON,
+            "Content-Type": content_type,
             "X-Idempotency-Key": self.auto_key(),
             "X-HpcAI-Request-Type": request_type,
         }
@@ -641,6 +651,7 @@ class Transport:
             total=None, sock_connect=CONNECT_TIMEOUT, sock_read=POLL_READ_TIMEOUT
         )
         url = self.url("retrieve_future")
+        batched = "batch" in (self._features or ())
         start = time.monotonic()
         failing_since: float | None = None
         failures = 0
@@ -656,22 +667,23 @@ class Transport:
             hint: float | None = None
             try:
                 if inline is not msgspec.UNSET:  # the submit's answer carried the result ("inline_result")
-                    payload, status, content_type = bytes(inline), 200, (MSGPACK if msgpack else JSON)
-                    resp_headers: Mapping[str, str] = {}
+                    answer = Answer(200, bytes(inline), MSGPACK if msgpack else JSON, {})
                     inline = msgspec.UNSET
+                elif batched:  # with other polls in one batch while POLL_SLOTS polls are out
+                    answer = await self._poll_batcher.send("retrieve_future", data, headers)
                 else:
                     async with session.post(url, data=data, headers=headers, timeout=timeout) as resp:
-                        payload = await resp.read()
-                        status, content_type = resp.status, resp.content_type
-                        resp_headers = resp.headers
+                        answer = Answer(resp.status, await resp.read(), resp.content_type, resp.headers)
             except connection_errors() as exc:
                 failure = _describe(exc)
             else:
+                status, payload, content_type = answer.status, answer.payload, answer.content_type
                 if status == 200:
                     probe = decode(payload, content_type, _Probe)
                     if probe.type == "try_again":
                         failing_since, failures = None, 0
-                        await self._pause_after_try_again(start, sent)
+                        if probe.queue_state != "batch":  # "batch": another poll of its batch was answered
+                            await self._pause_after_try_again(start, sent)
                         continue
                     if probe.error is not None:
                         message = probe.message if isinstance(probe.message, str) else str(probe.error)
@@ -692,7 +704,7 @@ class Transport:
                         request_id=request_id,
                     )
                 failure = f"HTTP {status} ({_server_message(payload, content_type)[0]})"
-                hint = retry_after(resp_headers)
+                hint = retry_after(answer.headers)
             now = time.monotonic()
             if failing_since is None:
                 failing_since = now

@@ -123,23 +123,30 @@ def test_requests_are_pipelined_not_waiting_for_results(null_server: HasURL) -> 
         run(main)
 
 
-def _batched_items(proxy: FaultProxy) -> list[tuple[str, str]]:
-    """(path, idempotency key) of every request the proxy saw inside a POST batch."""
+def _batched_items(proxy: FaultProxy, *paths: str) -> list[tuple[str, str]]:
+    """(path, idempotency key) of every request to ``paths`` that the proxy saw inside a POST batch."""
     items = []
     for r in proxy.find("batch"):
         decode = msgspec.msgpack.decode if "msgpack" in r.headers["content-type"] else msgspec.json.decode
-        items += [(i["path"], i["idempotency_key"]) for i in decode(r.body)["requests"]]
+        items += [(i["path"], i["idempotency_key"]) for i in decode(r.body)["requests"] if i["path"] in paths]
     return items
 
 
-@pytest.mark.parametrize("fault", [None, "reset"])
-def test_a_burst_of_calls_goes_out_in_a_few_batches_in_order_and_once(
-    null_server: HasURL, fault: str
-) -> None:
+# Our server's extensions less "inline_result": every result is polled, and the polls are batched too.
+BATCH_WITHOUT_INLINE = (
+    b'{"supported_models": [{"model_name": "null/instant"}], '
+    b'"features": ["seq_id", "msgpack", "long_poll", "load_optimizer", "batch"]}'
+)
+
+
+@pytest.mark.parametrize("mode", ["inline", "polled", "batch lost"])
+def test_a_burst_of_calls_goes_out_in_a_few_batches_in_order_and_once(null_server: HasURL, mode: str) -> None:
     """200 pipelined calls: a few HTTP requests; each runs once, in call order, even if a batch is lost."""
     with FaultProxy(null_server.url) as proxy:
-        if fault:  # the server runs the first batch, the client never sees the answer: each request retries
+        if mode == "batch lost":  # the server runs the first batch, the client never sees the answer
             proxy.inject("/api/v1/batch", "reset", after=True)
+        if mode == "polled":
+            proxy.inject("get_server_capabilities", "status", status=200, body=BATCH_WITHOUT_INLINE)
 
         async def main() -> list[Any]:
             async with client(null_server, base_url=proxy.url) as service:
@@ -153,19 +160,20 @@ def test_a_burst_of_calls_goes_out_in_a_few_batches_in_order_and_once(
         results = run(main)
     assert [r.metrics["step:max"] for r in results[0::2]] == list(range(100))
     assert [r.metrics["step:max"] for r in results[1::2]] == list(range(1, 101))
-    single = [
-        (r.endpoint, r.headers["x-idempotency-key"])
-        for r in proxy.requests
-        if r.endpoint in ("forward_backward", "optim_step")
-    ]
-    batched = _batched_items(proxy)
+    calls = ("forward_backward", "optim_step")
+    single = [(r.endpoint, r.headers["x-idempotency-key"]) for r in proxy.requests if r.endpoint in calls]
+    batched = _batched_items(proxy, *calls)
     keys = {key for _, key in single + batched}
     assert len(keys) == 200  # every call went out, under its own key
-    if fault:  # the lost batch's requests went again, and the server ran each once (the step counts above)
+    if mode == "batch lost":  # its requests went again, and the server ran each once (the step counts above)
         assert len(single) + len(batched) > 200
-    else:
-        assert len(single) + len(batched) == 200
-        assert len(single) <= 2 * 2 and 1 <= len(proxy.find("batch")) <= 20  # a slot is freed at most twice
+        return
+    assert len(single) + len(batched) == 200
+    assert len(single) <= 2 * 2  # a submit slot is freed at most twice before the rest go in batches
+    polls = _batched_items(proxy, "retrieve_future")
+    if mode == "polled":  # 200 results fetched with a few HTTP requests
+        assert len(polls) + len(proxy.find("retrieve_future")) >= 200
+    assert len(proxy.requests) <= 100, len(proxy.requests)  # one request per submit and poll: 400
 
 
 def test_chunking_end_to_end(null_server: HasURL) -> None:

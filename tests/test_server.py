@@ -602,7 +602,7 @@ def test_a_batch_answers_each_request_as_if_it_came_alone(null_server: LocalServ
             {"path": "optim_step", "body": adam_body(model_id, seq_id=1), "idempotency_key": "s:0:0"},
             {"path": "forward", "body": fwd_body(model_id, seq_id=3)},
             {"path": "forward_backward", "body": bad},
-            {"path": "retrieve_future", "body": {"request_id": "x"}},
+            {"path": "create_model", "body": {"base_model": NULL_MODEL}},
             {"path": "get_info", "body": {"model_id": model_id, "seq_id": 5}},
             {"path": "asample", "body": sample_body(base_model=NULL_MODEL)},
             {"path": "forward", "body": fwd_body(model_id, seq_id=6)},
@@ -632,6 +632,38 @@ def test_a_batch_answers_each_request_as_if_it_came_alone(null_server: LocalServ
         assert (await w.result(out["responses"][0]["body"]))["metrics"]["step:max"] == 2
 
     wire_test(null_server, body)
+
+
+def test_polls_in_a_batch_wait_until_the_first_of_them_is_answered(server_factory: Factory) -> None:
+    engine = GatedEngine()
+    srv = server_factory(engine=engine, long_poll_s=0.3)
+
+    def polls(*futures: dict[str, Any]) -> dict[str, Any]:
+        return {"requests": [{"path": "retrieve_future", "body": f} for f in futures]}
+
+    async def body(w: Wire) -> None:
+        model_id = await w.create()
+        step = await w.submit("optim_step", adam_body(model_id))
+        await w.result(step)
+        held = await w.submit("forward", fwd_body(model_id))  # waits for the gate
+        t0 = time.monotonic()
+        status, out = await w.post("batch", polls(held, step, {"request_id": "nope"}))
+        answers = out["responses"]
+        assert status == 200 and [a["status"] for a in answers] == [200, 200, 404]
+        assert answers[0]["body"] == {
+            "type": "try_again",
+            "request_id": held["request_id"],
+            "queue_state": "batch",
+        }
+        assert answers[1]["body"]["metrics"]["step:max"] == 1
+        assert time.monotonic() - t0 < 0.25  # the ready poll ended the batch's wait
+        status, out = await w.post("batch", polls(held))  # nothing ready: a plain long-poll
+        assert out["responses"][0]["body"]["queue_state"] == "active"
+        engine.gate.set()
+        status, out = await w.post("batch", polls(held))
+        assert out["responses"][0]["body"]["metrics"]["step:max"] == 1
+
+    wire_test(srv, body)
 
 
 def test_a_malformed_or_oversized_batch_is_400_and_runs_nothing(null_server: LocalServer) -> None:

@@ -70,8 +70,10 @@ _PATH_RE = re.compile(r" - at `\$\.?(.*)`$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BATCH_MAX_ITEMS = 1024
-# The routes a batch may carry: the requests that submit a job (and get_info), not polls or REST.
+BATCH_POLL_GRACE = 0.005  # s: the polls of a batch wait this much longer once one of them has its result
+# The routes a batch may carry: the requests that submit a job, get_info and polls; not REST.
 BATCH_ROUTES = (
+    "retrieve_future",
     "get_info",
     "unload_model",
     "forward",
@@ -686,14 +688,33 @@ class Routes:
 
     # -------------------------------------------------------------------------------------------- futures
 
-    async def retrieve_future(self, request: web.Request) -> web.Response:
+    async def retrieve_future(self, request: Incoming, answered: asyncio.Event | None = None) -> web.Response:
+        """Long-poll a future. In a batch (``answered``: shared by its polls), the first result ends the wait
+        of the others 5 ms later; those still not done answer ``try_again`` with ``queue_state="batch"``:
+        poll again at once."""
         req, _ = await decode_body(request, types.FutureRetrieveRequest)
         record = self.scheduler.get(req.request_id)
-        if await self.scheduler.wait(record, self.scheduler.long_poll_s):
+        if await self._wait_for(record, answered):
             response = reply(request, record.error if record.error is not None else record.result)
             self.scheduler.delivered(record)
+            if answered is not None and not answered.is_set():  # the others get a moment to finish too
+                asyncio.get_running_loop().call_later(BATCH_POLL_GRACE, answered.set)
             return response
-        return reply(request, types.TryAgainResponse(request_id=record.request_id, queue_state="active"))
+        state = "batch" if answered is not None and answered.is_set() else "active"
+        return reply(request, types.TryAgainResponse(request_id=record.request_id, queue_state=state))
+
+    async def _wait_for(self, record: Record, answered: asyncio.Event | None) -> bool:
+        long_poll = self.scheduler.wait(record, self.scheduler.long_poll_s)
+        if answered is None or record.finished_at is not None:
+            return await long_poll
+        done = asyncio.ensure_future(long_poll)
+        stop = asyncio.ensure_future(answered.wait())
+        await asyncio.wait((done, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if done.done():
+            return done.result()
+        done.cancel()
+        return False
 
     # -------------------------------------------------------------------------------------------- batch
 
@@ -702,7 +723,8 @@ class Routes:
 
         The requests are taken in order (so are their seq_ids and dedupe keys) and answered together, each
         with its own status; one request failing does not fail the others. The batch's ``Accept`` and inline
-        wait apply to every request.
+        wait apply to every request. Polls (``retrieve_future``) long-poll until the first of them has its
+        result; the others then answer ``try_again`` (see ``retrieve_future``).
         """
         batch, _ = await decode_body(request, types.BatchRequest)
         if len(batch.requests) > BATCH_MAX_ITEMS:
@@ -715,11 +737,14 @@ class Routes:
             for name in ("Accept", INLINE_WAIT_HEADER)
             if (value := request.headers.get(name)) is not None
         }
-        answers = await asyncio.gather(*(self._batch_answer(request, i, shared) for i in batch.requests))
+        answered = asyncio.Event()  # set by the first poll of the batch that has its result
+        answers = await asyncio.gather(
+            *(self._batch_answer(request, item, shared, answered) for item in batch.requests)
+        )
         return reply(request, types.BatchResponse(responses=list(answers)))
 
     async def _batch_answer(
-        self, request: web.Request, item: types.BatchItem, shared: dict[str, str]
+        self, request: web.Request, item: types.BatchItem, shared: dict[str, str], answered: asyncio.Event
     ) -> types.BatchAnswer:
         headers = dict(shared)
         if item.idempotency_key:
@@ -731,7 +756,10 @@ class Routes:
                 raise BadRequestError(
                     f"path: {item.path!r} cannot be batched; a batch carries {', '.join(BATCH_ROUTES)}"
                 )
-            response = await handler(incoming)
+            if item.path == "retrieve_future":
+                response = await self.retrieve_future(incoming, answered)
+            else:
+                response = await handler(incoming)
         except Exception as exc:  # what the middleware would answer, for this request alone
             response = self._error_response(incoming, exc)
         assert isinstance(response.body, bytes)
