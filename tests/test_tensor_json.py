@@ -52,3 +52,20 @@ def test_as_array_flat_and_nested_lists() -> None:
     assert _tensor.as_array([[1, 2], [3, 4]], "int64").shape == (2, 2)
     with pytest.raises(ValueError, match="flat list of numbers"):
         _tensor.as_array(["x"], "float32")
+
+
+def test_flat_lists_convert_exactly_as_numpy_does() -> None:
+    """The struct-packed fast path gives numpy's values, and anything it refuses takes numpy's way."""
+    rng = np.random.default_rng(0)
+    floats = (rng.standard_normal(4096) * 1e3).astype(np.float32).astype(np.float64).tolist()
+    floats += [0.0, -0.0, float("inf"), float("-inf"), 1e-45, 3.4028234663852886e38]
+    out = _tensor.as_array(floats, "float32")
+    assert out.dtype == np.float32 and out.flags.writeable
+    assert np.array_equal(out.view(np.uint32), np.array(floats, np.float32).view(np.uint32))
+    nan = _tensor.as_array([float("nan"), 1], "float32")
+    assert np.isnan(nan[0]) and nan[1] == 1.0
+    ids = [0, 1, 2**62, -5, 151_935]
+    assert _tensor.as_array(ids, "int64").tolist() == ids
+    assert _tensor.as_array([1.0, 2.0], "int64").tolist() == [1, 2]  # floats in an int64 tensor: numpy's cast
+    assert _tensor.as_array([True, False], "float32").tolist() == [1.0, 0.0]
+    assert _tensor.as_array([], "float32").shape == (0,)
