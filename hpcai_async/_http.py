@@ -14,8 +14,9 @@ Wire rules (PROTOCOL.md §1, §3, §4) live here and nowhere else:
   quickly (so the added latency stays within ~20 %), with backoff on failures;
 * bodies are JSON, or MessagePack with raw tensor bytes when the server lists ``"msgpack"`` in its
   capabilities;
-* with ``"batch"``, training and sampling requests made while two others are on the wire wait and go together
-  in one ``POST batch`` (``_Batcher``); with ``"inline_result"`` a submit's answer may carry its result.
+* with ``"batch"``, training and sampling requests made while two others are on the wire (polls: four) wait
+  and go together in one ``POST batch`` (``_Batcher``); with ``"inline_result"`` a submit's answer may carry
+  its result.
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.01"}
 BATCH_INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.05"}  # for all the results of a batch (the server's cap)
 # With "batch", requests made while others are on their way go out together in one POST batch (see _Batcher).
 BATCH_SLOTS = 2  # requests or batches on the wire at once; what comes meanwhile waits for a free slot ...
-POLL_SLOTS = 4  # (long-polls: their own slots, so polls held by the server never hold up submissions)
 BATCH_MAX_ITEMS = 256  # ... and goes with up to this many others ...
 BATCH_MAX_BYTES = 1 << 20  # ... in a batch of up to 1 MiB; a bigger body is sent on its own, never queued
+POLL_SLOTS = 4  # polls have slots of their own, so polls held by the server never hold up submissions
 
 
 @cache
@@ -210,7 +211,7 @@ class Answer(NamedTuple):
 class _Batcher:
     """Coalesces requests into ``POST batch`` requests, for a server with the "batch" extension.
 
-    A request goes out at once, on its own, while fewer than ``BATCH_SLOTS`` requests or batches are on the
+    A request goes out at once, on its own, while fewer than ``slots`` requests or batches are on the
     wire. Otherwise it waits, and when a slot frees, everything that waited goes together (up to 256
     requests and 1 MiB). A lone call pays nothing; a burst (a pipelined training loop, thousands of
     concurrent samples) costs a few HTTP round trips instead of one per request. Each request keeps its own
@@ -323,10 +324,7 @@ class Transport:
         self._features: frozenset[str] | None = None
         self._caps_task: asyncio.Task[GetServerCapabilitiesResponse] | None = None
         self._shutdown_hook: tuple[AsyncIterator[None], asyncio.Future[None]] | None = None
-        self._batcher, self._poll_batcher = (
-            _Batcher(self, BATCH_SLOTS, True),
-            _Batcher(self, POLL_SLOTS, False),
-        )
+        self._new_batchers()
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -335,10 +333,11 @@ class Transport:
         self._session = None
         self._tasks = set()
         self._caps_task = None
-        self._batcher, self._poll_batcher = (
-            _Batcher(self, BATCH_SLOTS, True),
-            _Batcher(self, POLL_SLOTS, False),
-        )
+        self._new_batchers()
+
+    def _new_batchers(self) -> None:
+        self._batcher = _Batcher(self, BATCH_SLOTS, inline=True)
+        self._poll_batcher = _Batcher(self, POLL_SLOTS, inline=False)
 
     def _bound(self, loop: asyncio.AbstractEventLoop, private: bool) -> None:
         if private:

@@ -488,6 +488,37 @@ def test_seq_ids_order_requests_that_arrive_out_of_order(null_server: LocalServe
     wire_test(srv, body, loop)
 
 
+class TurnstileEngine(NullEngine):
+    """NullEngine whose forward runs only when a permit is released (one forward per permit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.permits = threading.Semaphore(0)
+
+    def forward(self, run_id: str, data: Any, loss_fn: str) -> types.ForwardBackwardOutput:
+        assert self.permits.acquire(timeout=30)
+        return super().forward(run_id, data, loss_fn)
+
+
+def test_jobs_queued_together_each_finish_as_soon_as_they_have_run(server_factory: Factory) -> None:
+    engine = TurnstileEngine()
+    srv = server_factory(engine=engine, long_poll_s=5)
+
+    async def body(w: Wire) -> None:
+        model_id = await w.create()
+        first = await w.submit("forward", fwd_body(model_id, seq_id=1))  # holds the device
+        step = await w.submit("optim_step", adam_body(model_id, seq_id=2))  # these two queue behind it and
+        last = await w.submit("forward", fwd_body(model_id, seq_id=3))  # go to the device thread together
+        engine.permits.release()
+        assert (await w.result(first))["metrics"]["step:max"] == 0
+        assert (await w.result(step))["metrics"]["step:max"] == 1  # not held back by the forward after it
+        assert srv.scheduler.busy  # which is still waiting for its permit
+        engine.permits.release()
+        assert (await w.result(last))["metrics"]["step:max"] == 1
+
+    wire_test(srv, body)
+
+
 def test_a_missing_seq_id_times_out_and_the_model_continues(server_factory: Factory) -> None:
     srv = server_factory(seq_gap_timeout_s=0.3)
 

@@ -47,6 +47,7 @@ __all__ = ("ModelState", "Record", "Scheduler", "error_response")
 log = logging.getLogger("hpcai_async.server")
 
 _EXPIRED_IDS_KEPT = 100_000
+MAX_JOB_GROUP = 64  # queued jobs handed to the device thread at once (each still finishes when it has run)
 
 
 def error_response(exc: BaseException) -> types.ErrorResponse:
@@ -454,34 +455,52 @@ class Scheduler:
     async def _worker(self) -> None:
         assert self._queue is not None
         queue = self._queue
+        pending: _Job | _SampleBatch | None = None  # taken off the queue, next to run
         while True:
-            item = await queue.get()
+            item = pending if pending is not None else await queue.get()
+            pending = None
             try:
-                await self._run_item(item)
+                if isinstance(item, _SampleBatch):
+                    await self._run_batch(item)
+                    continue
+                jobs = [item]  # and the jobs queued behind it, up to a sample batch: one thread hop for all
+                while len(jobs) < MAX_JOB_GROUP and not queue.empty():
+                    following = queue.get_nowait()
+                    if isinstance(following, _SampleBatch):
+                        pending = following
+                        break
+                    jobs.append(following)
+                await self._run_jobs(jobs)
             except Exception:  # a bug here must not stop the device queue
                 log.exception("the device worker failed on %r", item)
 
-    async def _run_item(self, item: _Job | _SampleBatch) -> None:
+    async def _run_jobs(self, jobs: list[_Job]) -> None:
+        """Run ``jobs`` in order on the device thread; each finishes on the loop as soon as it has run."""
         assert self._loop is not None
         loop = self._loop
-        if isinstance(item, _SampleBatch):
-            await self._run_batch(item)
-            return
+
+        def run_all() -> None:
+            for job in jobs:
+                try:
+                    outcome: Any = job.fn()
+                except Exception as exc:
+                    outcome = exc
+                with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+                    loop.call_soon_threadsafe(self._job_done, job, outcome)
+
         self.busy = True
         try:
-            outcome: Any = await loop.run_in_executor(self._executor, item.fn)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            outcome = exc
+            await loop.run_in_executor(self._executor, run_all)
         finally:
             self.busy = False
-        self._finish(item.record, outcome)
-        if item.on_done is not None:
+
+    def _job_done(self, job: _Job, outcome: Any) -> None:
+        self._finish(job.record, outcome)
+        if job.on_done is not None:
             try:
-                item.on_done(item.record)
+                job.on_done(job.record)
             except Exception:
-                log.exception("on_done of request %s failed", item.record.request_id)
+                log.exception("on_done of request %s failed", job.record.request_id)
 
     async def _run_batch(self, batch: _SampleBatch) -> None:
         assert self._loop is not None and self.engine is not None
