@@ -690,6 +690,9 @@ def test_polls_in_a_batch_wait_until_the_first_of_them_is_answered(server_factor
         assert time.monotonic() - t0 < 0.25  # the ready poll ended the batch's wait
         status, out = await w.post("batch", polls(held))  # nothing ready: a plain long-poll
         assert out["responses"][0]["body"]["queue_state"] == "active"
+        t0 = time.monotonic()
+        status, out = await w.post("batch", polls(held, {"request_id": "nope"}))  # a 404 is an answer too
+        assert [a["status"] for a in out["responses"]] == [200, 404] and time.monotonic() - t0 < 0.25
         engine.gate.set()
         status, out = await w.post("batch", polls(held))
         assert out["responses"][0]["body"]["metrics"]["step:max"] == 1

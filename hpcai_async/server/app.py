@@ -697,8 +697,8 @@ class Routes:
         if await self._wait_for(record, answered):
             response = reply(request, record.error if record.error is not None else record.result)
             self.scheduler.delivered(record)
-            if answered is not None and not answered.is_set():  # the others get a moment to finish too
-                asyncio.get_running_loop().call_later(BATCH_POLL_GRACE, answered.set)
+            if answered is not None:
+                _end_polls_soon(answered)
             return response
         state = "batch" if answered is not None and answered.is_set() else "active"
         return reply(request, types.TryAgainResponse(request_id=record.request_id, queue_state=state))
@@ -762,6 +762,8 @@ class Routes:
                 response = await handler(incoming)
         except Exception as exc:  # what the middleware would answer, for this request alone
             response = self._error_response(incoming, exc)
+            if item.path == "retrieve_future":  # an unknown or expired future is an answer too
+                _end_polls_soon(answered)
         assert isinstance(response.body, bytes)
         return types.BatchAnswer(status=response.status, body=msgspec.Raw(response.body))
 
@@ -875,6 +877,12 @@ class Routes:
         return error_reply(
             request, 500, "InternalServerError", f"unexpected server error: {type(exc).__name__}: {exc}"
         )
+
+
+def _end_polls_soon(answered: asyncio.Event) -> None:
+    """A poll of a batch has its answer: the batch's other polls end BATCH_POLL_GRACE later (if not done)."""
+    if not answered.is_set():
+        asyncio.get_running_loop().call_later(BATCH_POLL_GRACE, answered.set)
 
 
 def _status_of(error: str) -> int:
