@@ -49,23 +49,11 @@ from msgspec import UnsetType
 
 from .. import types
 from .._errors import BadRequestError, ConfigurationError, NotFoundError
-from .engine_api import SampleJob, check_batch, check_sample
+from .engine_api import LOSS_FN_INPUTS, SampleJob, check_batch, check_sample
 from .models import BUILTIN_NAME, LoadedModel, ModelSpec, load_model, quiet, resolve_model
 
-__all__ = ("DEFAULT_MAX_TOKENS", "LOSS_FNS", "MAX_NUM_SAMPLES", "Engine")
+__all__ = ("DEFAULT_MAX_TOKENS", "MAX_NUM_SAMPLES", "Engine")
 
-LOSS_FNS: Final = ("cross_entropy", "importance_sampling", "ppo")
-_LOSS_INPUTS: Final[dict[str, tuple[str, ...]]] = {
-    "cross_entropy": ("target_tokens", "weights"),
-    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
-    "ppo": ("target_tokens", "logprobs", "advantages"),
-}
-_INPUT_DTYPES: Final = {
-    "target_tokens": "int64",
-    "weights": "float32",
-    "logprobs": "float32",
-    "advantages": "float32",
-}
 PPO_CLIP: Final = (0.8, 1.2)  # absolute ratio bounds, the tinker defaults (hpcai has no loss_fn_config)
 
 ATTN_MODULES: Final = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -813,8 +801,7 @@ def _batch_arrays(
 ) -> dict[str, list[npt.NDArray[Any]]]:
     """Validate a batch and return its arrays per field (``input_ids`` and each loss input), one per datum.
 
-    The shared checks of ``engine_api.check_batch`` run first; the ones below add what they leave out (float
-    dtypes) and convert the tensors.
+    ``engine_api.check_batch`` does the checks; this engine adds one: float inputs must be float32.
     """
     try:
         check_batch(list(data), loss_fn, vocab_size=spec.vocab_size, max_context=spec.max_context)
@@ -822,82 +809,16 @@ def _batch_arrays(
         raise
     except ValueError as exc:  # undecodable tensor data
         raise _bad(str(exc)) from None
-    if not data:
-        raise _bad("data is empty: send at least one Datum")
-    if loss_fn not in _LOSS_INPUTS:
-        raise _bad(f"unknown loss_fn {loss_fn!r}; valid: {', '.join(LOSS_FNS)}")
-    required = _LOSS_INPUTS[loss_fn]
+    required = LOSS_FN_INPUTS[loss_fn]
     arrays: dict[str, list[npt.NDArray[Any]]] = {"input_ids": [], **{k: [] for k in required}}
     for i, datum in enumerate(data):
-        where = f"data[{i}]"
-        tokens = _input_tokens(datum.model_input, where)
-        n = len(tokens)
-        if n == 0:
-            raise _bad(f"{where}.model_input is empty: send at least one token")
-        if n > spec.max_context:
-            raise _bad(
-                f"{where}.model_input has {n} tokens, more than the context of {spec.name!r} "
-                f"({spec.max_context}); truncate it"
-            )
-        _check_ids(tokens, spec, f"{where}.model_input")
-        inputs = datum.loss_fn_inputs
-        missing = [k for k in required if k not in inputs]
-        if missing:
-            raise _bad(
-                f"{where}.loss_fn_inputs is missing {', '.join(map(repr, missing))}; {loss_fn} needs "
-                f"{', '.join(required)}"
-            )
-        extra = [k for k in inputs if k not in required]
-        if extra:
-            raise _bad(
-                f"{where}.loss_fn_inputs has unexpected {', '.join(map(repr, extra))}; {loss_fn} takes only "
-                f"{', '.join(required)} (remove the others)"
-            )
-        arrays["input_ids"].append(tokens)
-        for key in required:
-            td = inputs[key]
-            field_name = f"{where}.loss_fn_inputs[{key!r}]"
-            if td.dtype != _INPUT_DTYPES[key]:
-                raise _bad(f"{field_name} must have dtype {_INPUT_DTYPES[key]}, got {td.dtype}")
-            try:
-                arr = td.to_numpy().reshape(-1)
-            except ValueError as exc:
-                raise _bad(f"{field_name}: {exc}") from None
-            if arr.size != n:
-                raise _bad(
-                    f"{field_name} has {arr.size} values but model_input has {n} tokens; every per-token "
-                    "input needs one value per input token (targets are the input shifted by one)"
-                )
-            if key == "target_tokens":
-                _check_ids(arr, spec, field_name)
-            elif not np.isfinite(arr).all():
-                raise _bad(
-                    f"{field_name} has a non-finite value (nan or inf) at index "
-                    f"{int(np.argmin(np.isfinite(arr)))}"
-                )
-            arrays[key].append(arr)
+        arrays["input_ids"].append(datum.model_input.to_numpy())
+        for key, dtype in required.items():
+            td = datum.loss_fn_inputs[key]
+            if td.dtype != dtype:
+                raise _bad(f"data[{i}].loss_fn_inputs[{key!r}] must have dtype {dtype}, got {td.dtype}")
+            arrays[key].append(td.to_numpy().reshape(-1))
     return arrays
-
-
-def _input_tokens(model_input: types.ModelInput, where: str) -> npt.NDArray[np.int64]:
-    for j, chunk in enumerate(model_input.chunks):
-        if not isinstance(chunk, types.EncodedTextChunk):
-            raise _bad(
-                f"{where}.model_input.chunks[{j}] is an image chunk; the local server supports text only "
-                "(encoded_text chunks)"
-            )
-    try:
-        return model_input.to_numpy()
-    except ValueError as exc:
-        raise _bad(f"{where}.model_input: {exc}") from None
-
-
-def _check_ids(tokens: npt.NDArray[Any], spec: ModelSpec, where: str) -> None:
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= spec.vocab_size):
-        bad = int(tokens[(tokens < 0) | (tokens >= spec.vocab_size)][0])
-        raise _bad(
-            f"{where} has token id {bad}, outside the vocabulary of {spec.name!r} [0, {spec.vocab_size})"
-        )
 
 
 def _check_sample(job: SampleJob, spec: ModelSpec) -> None:
@@ -913,7 +834,6 @@ def _check_sample(job: SampleJob, spec: ModelSpec) -> None:
             f"num_samples: at most {MAX_NUM_SAMPLES} per request, got {job.num_samples}; "
             "send several requests"
         )
-    _input_tokens(job.prompt, "prompt")
     p = job.params
     if isinstance(p.top_k, bool) or not isinstance(p.top_k, int) or p.top_k == 0 or p.top_k < -1:
         raise _bad(f"sampling_params.top_k: must be -1 (no limit) or a positive integer, got {p.top_k!r}")
