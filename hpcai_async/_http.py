@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from functools import cache
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, TypeVar, Unpack
 
 import msgspec
 
@@ -197,6 +197,17 @@ def _raw_body_class() -> Any:
             self._size = len(value)
 
     return RawBody
+
+
+class CallOptions(TypedDict, total=False):
+    """The keyword arguments of ``Transport.call``, which ``Transport.request`` passes on."""
+
+    body: Any
+    params: Mapping[str, str | int] | None
+    key: str | None
+    headers: Mapping[str, str] | None
+    backpressure: bool
+    batch: bool
 
 
 class Answer(NamedTuple):
@@ -463,35 +474,9 @@ class Transport:
             return _MSGPACK_ENCODER.encode(body), MSGPACK
         return _JSON_ENCODER.encode(body), JSON
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        result: type[T],
-        *,
-        body: Any = None,
-        params: Mapping[str, str | int] | None = None,
-        key: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        backpressure: bool = False,
-        batch: bool = False,
-    ) -> T:
-        """Send a request (with retries) and decode its answer into ``result``.
-
-        ``body`` is encoded as MessagePack when the server advertised it, else as JSON. ``key`` is the
-        idempotency key (a fresh one is made for non-GET requests without one). ``batch``: the request may
-        share a ``POST batch`` with others (where the server has the extension; see ``_Batcher``).
-        """
-        payload, content_type = await self.call(
-            method,
-            path,
-            body=body,
-            params=params,
-            key=key,
-            headers=headers,
-            backpressure=backpressure,
-            batch=batch,
-        )
+    async def request(self, method: str, path: str, result: type[T], **options: Unpack[CallOptions]) -> T:
+        """``call`` (with retries), its answer decoded into ``result``."""
+        payload, content_type = await self.call(method, path, **options)
         return decode(payload, content_type, result)
 
     async def call(
@@ -506,7 +491,12 @@ class Transport:
         backpressure: bool = False,
         batch: bool = False,
     ) -> tuple[bytes, str]:
-        """Send a request with retries; return the body and content type of the successful answer."""
+        """Send a request with retries; return the body and content type of the successful answer.
+
+        ``body`` is encoded as MessagePack when the server advertised it, else as JSON. ``key`` is the
+        idempotency key (a fresh one is made for non-GET requests without one). ``batch``: the request may
+        share a ``POST batch`` with others (where the server has the extension; see ``_Batcher``).
+        """
         msgpack = self.msgpack
         all_headers: dict[str, str] = dict(headers or {})
         data: bytes | None = None

@@ -179,11 +179,8 @@ class FaultProxy:
                 if fault is not None and fault.kind == "delay":
                     await asyncio.sleep(fault.delay)
                 if fault is not None and not fault.after and fault.kind in ("status", "reset"):
-                    if fault.kind == "reset":
-                        writer.transport.abort()
+                    if not await _answer_instead(writer, fault):
                         return
-                    writer.write(_response(fault.status, fault.headers, fault.body))
-                    await writer.drain()
                     continue
                 if upstream is None:
                     upstream = await asyncio.open_connection(self._host, self._port)
@@ -194,11 +191,8 @@ class FaultProxy:
                     upstream[1].close()
                     upstream = None
                 if fault is not None and fault.after and fault.kind in ("status", "reset"):
-                    if fault.kind == "reset":
-                        writer.transport.abort()
+                    if not await _answer_instead(writer, fault):
                         return
-                    writer.write(_response(fault.status, fault.headers, fault.body))
-                    await writer.drain()
                     continue
                 if fault is not None and fault.kind == "truncate":
                     writer.write(head + body[: len(body) // 2])
@@ -215,6 +209,16 @@ class FaultProxy:
             writer.close()
             if upstream is not None:
                 upstream[1].close()
+
+
+async def _answer_instead(writer: asyncio.StreamWriter, fault: Fault) -> bool:
+    """Answer a "status" fault's response, or drop the connection for "reset"; False if it was dropped."""
+    if fault.kind == "reset":
+        writer.transport.abort()
+        return False
+    writer.write(_response(fault.status, fault.headers, fault.body))
+    await writer.drain()
+    return True
 
 
 def _headers(block: bytes) -> tuple[str, dict[str, str]]:
