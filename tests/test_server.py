@@ -236,6 +236,25 @@ def test_capabilities_and_unknown_routes(null_server: LocalServer) -> None:
     wire_test(null_server, body)
 
 
+def test_hosted_dialect_advertises_no_extensions(server_factory: Factory) -> None:
+    async def body(w: Wire) -> None:
+        status, caps = await w.get("get_server_capabilities")
+        assert status == 200 and caps["features"] == []
+
+    wire_test(server_factory(dialect="hosted"), body)
+    with pytest.raises(ValueError, match="dialect must be one of"):
+        LocalServer(dialect="cloud")
+
+
+def test_model_alias_lists_the_model_under_another_name() -> None:
+    from hpcai_async.server.models import resolve_model
+
+    spec = resolve_model(f"Qwen/Qwen3-0.6B={BUILTIN_NAME}")
+    assert spec.name == "Qwen/Qwen3-0.6B" and spec.path == resolve_model(BUILTIN_NAME).path
+    with pytest.raises(ValueError, match="ALIAS=NAME_OR_DIR"):
+        resolve_model(f"={BUILTIN_NAME}")
+
+
 # ---------------------------------------------------------------------------------------- official SDK shapes
 
 

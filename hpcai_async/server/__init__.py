@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from .._loop import new_event_loop
-from .app import Routes, build_app
+from .app import DIALECTS, Routes, build_app
 from .engine_api import EngineAPI
 from .null_engine import NULL_MODEL, NullEngine
 from .scheduler import Scheduler
@@ -50,7 +50,8 @@ class LocalServer:
     checkpoints (kept), or None for a temporary one (deleted on exit). ``api_key``: generated when None.
     ``long_poll_s``: how long ``retrieve_future`` holds a request for a result before ``try_again``;
     ``retention_s``: how long a finished result can be fetched; ``seq_gap_timeout_s``: how long requests wait
-    for a missing earlier ``seq_id``.
+    for a missing earlier ``seq_id``. ``dialect``: ``"local"`` advertises every protocol extension of ours;
+    ``"hosted"`` advertises none, as the hosted service does, so clients speak the plain protocol to it.
     """
 
     def __init__(
@@ -65,7 +66,11 @@ class LocalServer:
         long_poll_s: float = 25.0,
         retention_s: float = 3600.0,
         seq_gap_timeout_s: float = 60.0,
+        dialect: str = "local",
     ) -> None:
+        if dialect not in DIALECTS:
+            raise ValueError(f"dialect must be one of {sorted(DIALECTS)}, got {dialect[:50]!r}")
+        self.dialect = dialect
         self.host = host
         self.port = port
         self.store_path = Path(store) if store is not None else None
@@ -130,7 +135,7 @@ class LocalServer:
 
         try:
             await self.scheduler.start(factory, on_tick=flush)
-            app = build_app(Routes(self.scheduler, self.store, self.api_key, self._io))
+            app = build_app(Routes(self.scheduler, self.store, self.api_key, self._io, self.dialect))
             runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
             await runner.setup()
             self._runner = runner

@@ -39,7 +39,8 @@ def build_parser(prog: str = "python -m hpcai_async.server") -> argparse.Argumen
         metavar="NAME_OR_DIR",
         help="also serve this base model: a local Hugging Face model folder or a repo id already in the HF "
         "cache "
-        "(repeatable; the built-in hpcai-async/tiny-qwen3 is always served)",
+        "(repeatable; the built-in hpcai-async/tiny-qwen3 is always served); ALIAS=NAME_OR_DIR serves it "
+        "under another name, e.g. Qwen/Qwen3-0.6B=hpcai-async/tiny-qwen3",
     )
     parser.add_argument(
         "--device", default="cpu", help="torch device for the engine: cpu, cuda, cuda:1 ... (default cpu)"
@@ -51,6 +52,13 @@ def build_parser(prog: str = "python -m hpcai_async.server") -> argparse.Argumen
     )
     parser.add_argument(
         "--long-poll", type=float, default=25.0, metavar="S", help="retrieve_future hold time (25)"
+    )
+    parser.add_argument(
+        "--dialect",
+        choices=("local", "hosted"),
+        default="local",
+        help="local: advertise our protocol extensions (default); hosted: advertise none, as the hosted "
+        "service does",
     )
     parser.add_argument("--log-level", default="WARNING", help="server log level (default WARNING)")
     return parser
@@ -77,6 +85,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hpcai_async.s
             device=args.device,
             engine=NullEngine if args.null else None,
             long_poll_s=args.long_poll,
+            dialect=args.dialect,
         )
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -50,13 +50,16 @@ from .store import (
     utcnow,
 )
 
-__all__ = ("FEATURES", "MAX_LORA_RANK", "Routes", "build_app")
+__all__ = ("DIALECTS", "FEATURES", "MAX_LORA_RANK", "Routes", "build_app")
 
 log = logging.getLogger("hpcai_async.server")
 
 T = TypeVar("T")
 
 FEATURES = ["seq_id", "msgpack", "long_poll", "load_optimizer", "inline_result", "batch"]
+# What each dialect advertises: "local" is ours (every extension); "hosted" advertises what the hosted HPC-AI
+# service does (none), so a client talks to it exactly as to the hosted service (benchmarks, compatibility).
+DIALECTS: dict[str, list[str]] = {"local": FEATURES, "hosted": []}
 INLINE_WAIT_HEADER = "X-HpcAI-Async-Inline-Wait"  # seconds the submit may be held for the result
 INLINE_WAIT_MAX = 0.05  # s: a held submit still answers quickly; longer jobs are long-polled as usual
 MAX_LORA_RANK = 256
@@ -223,8 +226,16 @@ class Routes:
     """The route handlers, bound to one scheduler, store and API key."""
 
     def __init__(
-        self, scheduler: Scheduler, store: Store, api_key: str, io: concurrent.futures.Executor
+        self,
+        scheduler: Scheduler,
+        store: Store,
+        api_key: str,
+        io: concurrent.futures.Executor,
+        dialect: str = "local",
     ) -> None:
+        if dialect not in DIALECTS:
+            raise ValueError(f"dialect must be one of {sorted(DIALECTS)}, got {dialect[:50]!r}")
+        self.features = DIALECTS[dialect]
         self.scheduler = scheduler
         self.store = store
         self.api_key = api_key
@@ -353,7 +364,7 @@ class Routes:
         return reply(
             request,
             types.GetServerCapabilitiesResponse(
-                supported_models=self.engine.supported_models(), features=FEATURES
+                supported_models=self.engine.supported_models(), features=self.features
             ),
         )
 

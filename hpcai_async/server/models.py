@@ -5,7 +5,9 @@ A model spec is one of
 - ``"hpcai-async/tiny-qwen3"``: the built-in model shipped in ``builtin/`` (weights, config, tokenizer), built
   by ``scripts/build_builtin.py``;
 - a path to a folder holding ``config.json`` (and weights, and a tokenizer): listed under the folder's name;
-- a Hugging Face repo id already in the local cache (``Qwen/Qwen3-0.6B``): listed under the id as given.
+- a Hugging Face repo id already in the local cache (``Qwen/Qwen3-0.6B``): listed under the id as given;
+- ``ALIAS=SPEC``: the model of ``SPEC``, listed under ``ALIAS`` (``Qwen/Qwen3-0.6B=hpcai-async/tiny-qwen3``
+  serves the built-in model under a name that programs written for the hosted service recognise).
 
 Nothing is ever downloaded: every load passes ``local_files_only=True``.
 """
@@ -16,7 +18,7 @@ import contextlib
 import json
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,11 @@ class LoadedModel:
 
 def resolve_model(spec: str) -> ModelSpec:
     """The ModelSpec for ``spec`` (see the module docstring); ValueError if it is not found locally."""
+    alias, sep, target = spec.partition("=")
+    if sep and not Path(spec).expanduser().exists():
+        if not alias or not target:
+            raise ValueError(f"model alias {spec[:200]!r} must be ALIAS=NAME_OR_DIR")
+        return replace(resolve_model(target), name=alias)
     if spec == BUILTIN_NAME:
         return _spec_from_folder(BUILTIN_NAME, BUILTIN_DIR)
     path = Path(spec).expanduser()
