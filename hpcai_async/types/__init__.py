@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 from msgspec import UNSET, Struct, UnsetType
 
-from . import _tensor
-from ._tensor import TensorDtype
+from .. import _tensor
+from .._tensor import TensorDtype
 
 if TYPE_CHECKING:
     import torch
