@@ -28,7 +28,6 @@ ProgressCallback = Callable[[int, int | None], None]
 """Called as ``progress(bytes_written, total_bytes_or_None)`` while an archive downloads."""
 
 
-
 def parse_checkpoint_path(path: str) -> ParsedCheckpointPath:
     """Split ``hpcai://{run}/{weights|sampler_weights|training|sampler}/{checkpoint_id}`` into its parts.
 
