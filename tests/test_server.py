@@ -470,6 +470,7 @@ def test_a_job_failing_while_running_resolves_to_an_error_body(server_factory: F
             "error": "InternalServerError",
             "message": "RuntimeError: the optimizer exploded",
             "details": None,
+            "code": None,
         }
         # a save dying half-way leaves no checkpoint and no leftovers
         out = await w.call("save_weights", {"model_id": model_id, "path": "broken"})
