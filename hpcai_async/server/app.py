@@ -24,8 +24,8 @@ from .. import types
 from .._errors import AuthenticationError, BadRequestError, error_for_status
 from .codec import Codec, status_of
 from .engine_api import EngineAPI
-from .lifecycle import API_KEY, SCHEDULER, SERVICE, lifecycle
-from .lifecycle import FEATURES as FEATURES_KEY
+from .lifecycle import API_KEY, FEATURES_KEY, SCHEDULER, SERVICE, lifecycle
+from .ordering import ReleaseSeqRequest
 from .rest import REST_ROUTES
 from .scheduler import Record, Scheduler
 from .service import Call, Service
@@ -127,27 +127,13 @@ async def _poll(service: Service, raw: bytes, codec: Codec, answered: asyncio.Ev
     poll again at once."""
     req = codec.decode(raw, types.FutureRetrieveRequest)
     record = service.future(req.request_id)
-    if await _wait_for(service, record, answered):
+    if await service.wait(record, service.scheduler.long_poll_s, until=answered):
         response = codec.reply(service.take(record))
         if answered is not None:
             _end_polls_soon(answered)
         return response
     state = "batch" if answered is not None and answered.is_set() else "active"
     return codec.reply(types.TryAgainResponse(request_id=record.request_id, queue_state=state))
-
-
-async def _wait_for(service: Service, record: Record, answered: asyncio.Event | None) -> bool:
-    long_poll = service.wait(record, service.scheduler.long_poll_s)
-    if answered is None or record.done:
-        return await long_poll
-    done = asyncio.ensure_future(long_poll)
-    stop = asyncio.ensure_future(answered.wait())
-    try:
-        await asyncio.wait((done, stop), return_when=asyncio.FIRST_COMPLETED)
-        return done.result() if done.done() else False
-    finally:  # also when this poll is cancelled: no helper task outlives it
-        stop.cancel()
-        done.cancel()
 
 
 def _end_polls_soon(answered: asyncio.Event) -> None:
@@ -219,6 +205,13 @@ async def create_model(request: web.Request) -> web.Response:
 
 async def retrieve_future(request: web.Request) -> web.Response:
     return await _poll(request.app[SERVICE], await request.read(), Codec.of(request), None)
+
+
+async def release_seq(request: web.Request) -> web.Response:
+    """``POST /api/v1/release_seq`` ("seq_id" extension): a reserved seq_id that will never be sent."""
+    codec = Codec.of(request)
+    request.app[SERVICE].release_seq(codec.decode(await request.read(), ReleaseSeqRequest))
+    return codec.reply({})
 
 
 async def batch(request: web.Request) -> web.Response:
@@ -312,7 +305,8 @@ def build_app(
     async def wake(app: web.Application) -> None:
         scheduler.wake_all()  # long-polls answer now, before the server waits for open requests to end
 
-    app.cleanup_ctx.append(lifecycle(scheduler, engine, store, close_engine))
+    seq_ids = "seq_id" in DIALECTS[dialect]
+    app.cleanup_ctx.append(lifecycle(scheduler, engine, store, close_engine, seq_ids))
     app.on_shutdown.append(wake)
     app.router.add_get("/api/v1/healthz", healthz)
     app.router.add_get("/api/v1/get_server_capabilities", capabilities)
@@ -320,6 +314,7 @@ def build_app(
     for name in SUBMITS:
         app.router.add_post(f"/api/v1/{name}", _submit_route(name))
     app.router.add_post("/api/v1/retrieve_future", retrieve_future)
+    app.router.add_post("/api/v1/release_seq", release_seq)
     app.router.add_post("/api/v1/batch", batch)
     app.router.add_post("/api/v1/telemetry", telemetry)
     app.router.add_routes(REST_ROUTES)

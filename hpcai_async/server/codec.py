@@ -19,7 +19,8 @@ import msgspec
 from aiohttp import web
 
 from .. import _tensor, types
-from .._errors import APIError, BadRequestError, error_for_status
+from .._errors import APIError, BadRequestError, ConflictError, error_for_status
+from .scheduler import error_response
 
 __all__ = ("Codec", "status_of")
 
@@ -109,9 +110,10 @@ class Codec:
     def error(self, exc: BaseException, where: str = "") -> web.Response:
         """The error answer for ``exc``: its status and message for an APIError, else a logged 500."""
         if isinstance(exc, APIError):
-            return self.reply(
-                types.ErrorResponse(error=type(exc).__name__, message=exc.message), exc.status or 500
-            )
+            response = self.reply(error_response(exc), exc.status or 500)
+            if isinstance(exc, ConflictError):  # the same request conflicts however often it is retried
+                response.headers["x-should-retry"] = "false"
+            return response
         log.exception("unexpected error in %s", where, exc_info=exc)
         message = f"unexpected server error: {type(exc).__name__}: {exc}"
         return self.reply(types.ErrorResponse(error="InternalServerError", message=message), 500)

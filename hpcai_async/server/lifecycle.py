@@ -21,12 +21,12 @@ from .scheduler import Scheduler
 from .service import Service
 from .store import Store
 
-__all__ = ("API_KEY", "FEATURES", "SCHEDULER", "SERVICE", "lifecycle")
+__all__ = ("API_KEY", "FEATURES_KEY", "SCHEDULER", "SERVICE", "lifecycle")
 
 SERVICE = web.AppKey("service", Service)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 API_KEY = web.AppKey("api_key", str)
-FEATURES = web.AppKey("features", list)
+FEATURES_KEY = web.AppKey("features", list)
 
 Lifecycle = Callable[[web.Application], AsyncIterator[None]]
 
@@ -36,6 +36,7 @@ def lifecycle(
     engine_factory: Callable[[], EngineAPI],
     store_path: str | os.PathLike[str] | None,
     close_engine: bool = True,
+    seq_ids: bool = True,
 ) -> Lifecycle:
     """The ``cleanup_ctx`` entry that runs the server (see the module docstring)."""
 
@@ -50,7 +51,7 @@ def lifecycle(
 
         try:
             await scheduler.start(engine_factory, on_tick=flush)
-            app[SERVICE] = Service(scheduler, store, io)
+            app[SERVICE] = Service(scheduler, store, io, seq_ids=seq_ids)
             yield
         finally:
             await scheduler.stop(close_engine=close_engine)

@@ -13,6 +13,7 @@ A model's status (``ModelState.status``) moves: ``creating`` -> ``ready`` (its c
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import math
@@ -25,6 +26,7 @@ import msgspec
 from .. import types
 from .._errors import APIError, BadRequestError, InternalServerError, NotFoundError
 from .engine_api import EngineAPI, SampleJob
+from .ordering import ReleaseSeqRequest
 from .scheduler import ModelState, Record, Scheduler
 from .store import (
     CheckpointMeta,
@@ -73,10 +75,13 @@ def _field_error(field: str, exc: Exception) -> BadRequestError:
 class Service:
     """The server's operations, bound to one scheduler (futures, ordering, the engine) and one store."""
 
-    def __init__(self, scheduler: Scheduler, store: Store, io: concurrent.futures.Executor) -> None:
+    def __init__(
+        self, scheduler: Scheduler, store: Store, io: concurrent.futures.Executor, *, seq_ids: bool = True
+    ) -> None:
         self.scheduler = scheduler
         self.store = store
         self.io = io  # for blocking store work on the event loop's behalf (REST routes)
+        self.seq_ids = seq_ids  # the "seq_id" extension is advertised: get_info tells next_seq_id
 
     @property
     def engine(self) -> EngineAPI:
@@ -135,7 +140,7 @@ class Service:
         model = self._model(req.model_id)
         try:
             fn = prepare(req, model)
-        except APIError as exc:
+        except Exception as exc:  # even a server error: the seq_id's turn passes, later ones do not wait
             if seq is not None:
                 self.scheduler.skip_seq(model.model_id, seq, call.fingerprint, exc)
             raise
@@ -225,6 +230,7 @@ class Service:
             is_lora=True,
             lora_rank=lora.rank,
             model_name=base,
+            next_seq_id=model.order.next_seq_id if model is not None and self.seq_ids else None,
         )
 
     def get_info(self, req: types.ModelIdRequest, call: Call) -> types.GetInfoResponse | Record:
@@ -233,6 +239,8 @@ class Service:
         info = self.info(req.model_id)
         if seq is None:
             return info
+        if info.next_seq_id is not None:  # this request takes seq_id's turn: the next one is after it
+            info.next_seq_id = max(info.next_seq_id, seq + 1)
         record = self.scheduler.find_duplicate(call.key, call.fingerprint, req.model_id, seq)
         if record is None:
             record = self.scheduler.submit(
@@ -414,9 +422,19 @@ class Service:
         """The future ``request_id`` (NotFoundError if never issued, GoneError if expired)."""
         return self.scheduler.get(request_id)
 
-    async def wait(self, record: Record, timeout: float | None) -> bool:  # noqa: ASYNC109 (a long-poll)
-        """Wait until ``record`` is done (True), or ``timeout`` passes or the server shuts down (False)."""
-        return await self.scheduler.wait(record, timeout)
+    async def wait(
+        self,
+        record: Record,
+        timeout: float | None,  # noqa: ASYNC109 (a long-poll's own deadline, not a call timeout)
+        until: asyncio.Event | None = None,
+    ) -> bool:
+        """Wait until ``record`` is done (True), or ``timeout`` passes, ``until`` is set or the server shuts
+        down (False)."""
+        return await self.scheduler.wait(record, timeout, until)
+
+    def release_seq(self, req: ReleaseSeqRequest) -> None:
+        """A reserved seq_id that will never be sent: the model's later requests run without waiting."""
+        self.scheduler.release_seq(req.model_id, req.seq_id)
 
     def take(self, record: Record) -> Any:
         """The outcome of a done ``record`` (its result, or its ``ErrorResponse``), marked as handed out."""
