@@ -20,11 +20,10 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-import math
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, get_args
 
 import msgspec
 from aiohttp import web
@@ -38,7 +37,7 @@ from .._errors import (
     NotFoundError,
     error_for_status,
 )
-from .engine_api import EngineAPI, SampleJob
+from .engine_api import MAX_LORA_RANK, EngineAPI, SampleJob, check_adam, check_lora
 from .scheduler import ModelState, Record, Scheduler
 from .store import (
     CheckpointMeta,
@@ -62,7 +61,6 @@ FEATURES = ["seq_id", "msgpack", "long_poll", "load_optimizer", "inline_result",
 DIALECTS: dict[str, list[str]] = {"local": FEATURES, "hosted": []}
 INLINE_WAIT_HEADER = "X-HpcAI-Async-Inline-Wait"  # seconds the submit may be held for the result
 INLINE_WAIT_MAX = 0.05  # s: a held submit still answers quickly; longer jobs are long-polled as usual
-MAX_LORA_RANK = 256
 DEFAULT_LORA_RANK = 32  # the SDK's create_lora_training_client default
 MAX_BODY_BYTES = 1 << 30
 _MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"})
@@ -138,9 +136,20 @@ def _friendly(exc: msgspec.ValidationError) -> str:
     text = text[:1].lower() + text[1:]
     if text.startswith("object missing required field"):
         text = "missing required field" + text[len("object missing required field") :]
+    leaf = where.rsplit(".", 1)[-1]
+    if text.startswith("invalid") and leaf in _CHOICES and (leaf != "type" or ".chunks[" in where):
+        text += f"; use one of {', '.join(_CHOICES[leaf])}"
     if where:
         return f"invalid request body: {where}: {text}"
     return f"invalid request body: {text}"
+
+
+# the enum fields whose decode errors list the allowed values
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "loss_fn": get_args(types.LossFnType),
+    "dtype": get_args(types.TensorDtype),
+    "type": tuple(c.__struct_config__.tag for c in get_args(types.ModelInputChunk)),
+}
 
 
 async def decode_body(request: Incoming, cls: type[T]) -> tuple[T, bytes]:
@@ -383,13 +392,7 @@ class Routes:
             return await self._future(request, dup)
         self._check_base_model(req.base_model)
         lora = req.lora_config or types.LoraConfig(rank=DEFAULT_LORA_RANK)
-        if not 1 <= lora.rank <= MAX_LORA_RANK:
-            raise BadRequestError(f"lora_config.rank: must be between 1 and {MAX_LORA_RANK}, got {lora.rank}")
-        if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
-            raise BadRequestError(
-                "lora_config: train_attn, train_mlp and train_unembed are all false, so nothing would train; "
-                "set at least one to true"
-            )
+        check_lora(lora)
         model_id = str(uuid.uuid4())
         owner = request.headers.get("X-Username") or "local"
         base_model = req.base_model
@@ -510,13 +513,14 @@ class Routes:
 
         def prepare(req: Any, model: ModelState) -> Callable[[], Any]:
             batch: types.ForwardBackwardInput = getattr(req, field)
+            checked: Any = batch.data  # a model still being created checks it on the device thread
             if self._ready_for_validation(model):
                 try:
-                    engine.validate_batch(model.model_id, batch.data, batch.loss_fn)
+                    checked = engine.validate_batch(model.model_id, batch.data, batch.loss_fn)
                 except (APIError, ValueError, TypeError) as exc:
                     raise _field_error(field, exc) from None
             call = engine.forward_backward if backward else engine.forward
-            return lambda: call(model.model_id, batch.data, batch.loss_fn)
+            return lambda: call(model.model_id, checked, batch.loss_fn)
 
         return prepare
 
@@ -537,19 +541,7 @@ class Routes:
         engine = self.engine
 
         def prepare(req: types.OptimStepRequest, model: ModelState) -> Callable[[], Any]:
-            p = req.adam_params
-            checks: list[tuple[str, float, bool, str]] = [
-                ("learning_rate", p.learning_rate, p.learning_rate >= 0, ">= 0"),
-                ("beta1", p.beta1, 0 <= p.beta1 < 1, "in [0, 1)"),
-                ("beta2", p.beta2, 0 <= p.beta2 < 1, "in [0, 1)"),
-                ("eps", p.eps, p.eps >= 0, ">= 0"),
-            ]
-            for name, value in (("weight_decay", p.weight_decay), ("grad_clip_norm", p.grad_clip_norm)):
-                if isinstance(value, int | float):
-                    checks.append((name, value, value >= 0, ">= 0"))
-            for name, value, ok, rule in checks:
-                if not (ok and math.isfinite(value)):
-                    raise BadRequestError(f"adam_params.{name}: must be finite and {rule}, got {value}")
+            p = check_adam(req.adam_params)
             return lambda: engine.optim_step(model.model_id, p)
 
         return await self._ordered(request, types.OptimStepRequest, "optim_step", prepare)
@@ -674,7 +666,7 @@ class Routes:
             adapter_dir=adapter,
         )
         try:
-            self.engine.validate_sample(job)
+            job = self.engine.validate_sample(job)
         except (APIError, ValueError, TypeError) as exc:
             if isinstance(exc, APIError) and not isinstance(exc, BadRequestError):
                 raise
