@@ -14,27 +14,36 @@ loss registry without importing the facade (which imports ``engine_api``).
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ("DEFAULT_MAX_TOKENS", "MAX_NUM_SAMPLES", "Engine")
+__all__ = (
+    "ATTN_MODULES",
+    "DEFAULT_MAX_TOKENS",
+    "MAX_NUM_SAMPLES",
+    "MLP_MODULES",
+    "UNEMBED_MODULES",
+    "Engine",
+)
 
 if TYPE_CHECKING:
     from ..engine_api import MAX_NUM_SAMPLES
+    from .adapters import ATTN_MODULES, MLP_MODULES, UNEMBED_MODULES
     from .facade import Engine
     from .sampling import DEFAULT_MAX_TOKENS
 
+_WHERE = {
+    "Engine": ".facade",
+    "DEFAULT_MAX_TOKENS": ".sampling",
+    "MAX_NUM_SAMPLES": "..engine_api",
+    "ATTN_MODULES": ".adapters",
+    "MLP_MODULES": ".adapters",
+    "UNEMBED_MODULES": ".adapters",
+}
+
 
 def __getattr__(name: str) -> Any:
-    if name == "Engine":
-        from .facade import Engine
-
-        return Engine
-    if name == "DEFAULT_MAX_TOKENS":
-        from .sampling import DEFAULT_MAX_TOKENS
-
-        return DEFAULT_MAX_TOKENS
-    if name == "MAX_NUM_SAMPLES":
-        from ..engine_api import MAX_NUM_SAMPLES
-
-        return MAX_NUM_SAMPLES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(where, __name__), name)

@@ -90,18 +90,19 @@ def forward_pass(run: Run, batch: Batch, *, backward: bool) -> types.ForwardBack
         total = elementwise.sum()
         loss_sum = float(total.detach())
         if backward:
-            _backward(run, total, loss_sum, pending)
+            _backward(run, total, loss_sum, pending, batch.loss_fn)
             run.loss_sum += loss_sum
             run.weight_sum += denom
     return _output(run, batch, lp, elementwise, loss_sum / denom if denom else 0.0)
 
 
-def _backward(run: Run, total: Any, loss_sum: float, pending: list[Any]) -> None:
+def _backward(run: Run, total: Any, loss_sum: float, pending: list[Any], loss_fn: str) -> None:
     """``total.backward()`` into fresh gradients, then added to the pending ones if everything is finite."""
+    inputs = ", ".join(k for k in LOSSES[loss_fn].inputs if k != "target_tokens")
     if not math.isfinite(loss_sum):
         raise non_finite(
-            f"forward_backward refused: the loss is {loss_sum} (beyond float32); check the loss_fn_inputs "
-            "(weights, logprobs, advantages) for extreme values. Nothing was applied"
+            f"forward_backward refused: the {loss_fn} loss is {loss_sum} (beyond float32); check "
+            f"loss_fn_inputs ({inputs}) for extreme values. Nothing was applied"
         )
     params = [p for _, p in run.params]
     for p in params:
@@ -114,8 +115,8 @@ def _backward(run: Run, total: Any, loss_sum: float, pending: list[Any]) -> None
         for p, old in zip(params, pending, strict=True):
             p.grad = old
         raise non_finite(
-            "forward_backward refused: the gradient is not finite (NaN or beyond float32); check the "
-            "loss_fn_inputs (weights, logprobs, advantages) for extreme values. Nothing was applied"
+            f"forward_backward refused: the gradient of the {loss_fn} loss is not finite (NaN or beyond "
+            f"float32); check loss_fn_inputs ({inputs}) for extreme values. Nothing was applied"
         )
     for p, g in zip(params, summed, strict=True):
         p.grad = g
