@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import msgspec
 from aiohttp import web
@@ -46,9 +46,20 @@ def _friendly(exc: msgspec.ValidationError) -> str:
     text = text[:1].lower() + text[1:]
     if text.startswith("object missing required field"):
         text = "missing required field" + text[len("object missing required field") :]
+    leaf = where.rsplit(".", 1)[-1]
+    if text.startswith("invalid") and leaf in _CHOICES and (leaf != "type" or ".chunks[" in where):
+        text += f"; use one of {', '.join(_CHOICES[leaf])}"
     if where:
         return f"invalid request body: {where}: {text}"
     return f"invalid request body: {text}"
+
+
+# the enum fields whose decode errors list the allowed values
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "loss_fn": get_args(types.LossFnType),
+    "dtype": get_args(types.TensorDtype),
+    "type": tuple(c.__struct_config__.tag for c in get_args(types.ModelInputChunk)),
+}
 
 
 class _SeqOnly(msgspec.Struct):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import math
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ import msgspec
 
 from .. import types
 from .._errors import APIError, BadRequestError, InternalServerError, NotFoundError
-from .engine_api import EngineAPI, SampleJob
+from .engine_api import EngineAPI, SampleJob, check_adam, check_lora
 from .ordering import ReleaseSeqRequest
 from .scheduler import ModelState, Record, Scheduler
 from .store import (
@@ -38,9 +37,8 @@ from .store import (
     utcnow,
 )
 
-__all__ = ("DEFAULT_LORA_RANK", "MAX_LORA_RANK", "Call", "Service")
+__all__ = ("DEFAULT_LORA_RANK", "Call", "Service")
 
-MAX_LORA_RANK = 256
 DEFAULT_LORA_RANK = 32  # the SDK's create_lora_training_client default
 
 Prepare = Callable[[Any, ModelState], Callable[[], Any]]
@@ -172,13 +170,7 @@ class Service:
             return dup
         self._check_base_model(req.base_model)
         lora = req.lora_config or types.LoraConfig(rank=DEFAULT_LORA_RANK)
-        if not 1 <= lora.rank <= MAX_LORA_RANK:
-            raise BadRequestError(f"lora_config.rank: must be between 1 and {MAX_LORA_RANK}, got {lora.rank}")
-        if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
-            raise BadRequestError(
-                "lora_config: train_attn, train_mlp and train_unembed are all false, so nothing would train; "
-                "set at least one to true"
-            )
+        check_lora(lora)
         model_id, base_model = str(uuid.uuid4()), req.base_model
         model = ModelState(model_id=model_id, base_model=base_model, lora_config=lora)
         self.scheduler.models[model_id] = model
@@ -287,13 +279,14 @@ class Service:
         def prepare(req: Any, model: ModelState) -> Callable[[], Any]:
             batch: types.ForwardBackwardInput = getattr(req, field)
             # A model still being created is not in the engine yet; its requests are checked when they run.
+            checked: Any = batch.data
             if engine.has_run(model.model_id):
                 try:
-                    engine.validate_batch(model.model_id, batch.data, batch.loss_fn)
+                    checked = engine.validate_batch(model.model_id, batch.data, batch.loss_fn)
                 except (APIError, ValueError, TypeError) as exc:
                     raise _field_error(field, exc) from None
             run = engine.forward_backward if backward else engine.forward
-            return lambda: run(model.model_id, batch.data, batch.loss_fn)
+            return lambda: run(model.model_id, checked, batch.loss_fn)
 
         return prepare
 
@@ -307,19 +300,7 @@ class Service:
         engine = self.engine
 
         def prepare(req: types.OptimStepRequest, model: ModelState) -> Callable[[], Any]:
-            p = req.adam_params
-            checks: list[tuple[str, float, bool, str]] = [
-                ("learning_rate", p.learning_rate, p.learning_rate >= 0, ">= 0"),
-                ("beta1", p.beta1, 0 <= p.beta1 < 1, "in [0, 1)"),
-                ("beta2", p.beta2, 0 <= p.beta2 < 1, "in [0, 1)"),
-                ("eps", p.eps, p.eps >= 0, ">= 0"),
-            ]
-            for name, value in (("weight_decay", p.weight_decay), ("grad_clip_norm", p.grad_clip_norm)):
-                if isinstance(value, int | float):
-                    checks.append((name, value, value >= 0, ">= 0"))
-            for name, value, ok, rule in checks:
-                if not (ok and math.isfinite(value)):
-                    raise BadRequestError(f"adam_params.{name}: must be finite and {rule}, got {value}")
+            p = check_adam(req.adam_params)
             return lambda: engine.optim_step(model.model_id, p)
 
         return self._ordered("optim_step", req, call, prepare)
@@ -401,7 +382,7 @@ class Service:
             adapter_dir=adapter,
         )
         try:
-            self.engine.validate_sample(job)
+            job = self.engine.validate_sample(job)
         except (APIError, ValueError, TypeError) as exc:
             if isinstance(exc, APIError) and not isinstance(exc, BadRequestError):
                 raise
