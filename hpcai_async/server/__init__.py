@@ -31,7 +31,7 @@ from aiohttp import web
 from .._loop import new_event_loop
 from .app import DIALECTS, build_app
 from .engine_api import EngineAPI
-from .lifecycle import SERVICE
+from .lifecycle import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_BODY_BYTES, SERVICE, Limits
 from .null_engine import NULL_MODEL, NullEngine
 from .scheduler import Scheduler
 from .store import Store
@@ -52,6 +52,9 @@ class LocalServer:
     ``retention_s``: how long a finished result can be fetched; ``seq_gap_timeout_s``: how long requests wait
     for a missing earlier ``seq_id``. ``dialect``: ``"local"`` advertises every protocol extension of ours;
     ``"hosted"`` advertises none, as the hosted service does, so clients speak the plain protocol to it.
+    ``max_body_bytes``: the largest request body (after gzip inflation; 413 beyond it); ``head_timeout_s`` /
+    ``body_timeout_s``: how long a client may take to send a request's head / body before it is dropped
+    (the first is also how long an idle kept-alive connection stays open).
     """
 
     def __init__(
@@ -67,10 +70,20 @@ class LocalServer:
         retention_s: float = 3600.0,
         seq_gap_timeout_s: float = 60.0,
         dialect: str = "local",
+        max_body_bytes: int = MAX_BODY_BYTES,
+        head_timeout_s: float = HEAD_TIMEOUT_S,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
         if dialect not in DIALECTS:
             raise ValueError(f"dialect must be one of {sorted(DIALECTS)}, got {dialect[:50]!r}")
+        if max_body_bytes < 1 or head_timeout_s <= 0 or body_timeout_s <= 0:
+            raise ValueError(
+                "max_body_bytes, head_timeout_s and body_timeout_s must be positive, got "
+                f"{max_body_bytes}, {head_timeout_s}, {body_timeout_s}"
+            )
         self.dialect = dialect
+        self.limits = Limits(max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
+        self.head_timeout_s = head_timeout_s
         self.host = host
         self.port = port
         self.store_path = Path(store) if store is not None else None
@@ -131,9 +144,14 @@ class LocalServer:
             scheduler=self.scheduler,
             dialect=self.dialect,
             close_engine=owns_engine,
+            limits=self.limits,
         )
         runner = self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=5.0
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=5.0,
+            keepalive_timeout=self.head_timeout_s,  # aiohttp drops a connection idle (no full head) so long
         )
         try:
             await runner.setup()  # the app's cleanup_ctx: store, engine, scheduler

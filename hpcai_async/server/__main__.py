@@ -60,6 +60,13 @@ def build_parser(prog: str = "python -m hpcai_async.server") -> argparse.Argumen
         help="local: advertise our protocol extensions (default); hosted: advertise none, as the hosted "
         "service does",
     )
+    parser.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=256,
+        metavar="MB",
+        help="largest request body in MiB, after gzip inflation (default 256); larger requests get a 413",
+    )
     parser.add_argument("--log-level", default="WARNING", help="server log level (default WARNING)")
     return parser
 
@@ -71,6 +78,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hpcai_async.s
         return 2
     if not (args.device == "cpu" or args.device.startswith(("cuda", "mps"))):
         print(f"error: --device must be cpu or cuda[:N], got {args.device!r}", file=sys.stderr)
+        return 2
+    if not args.max_body_mb > 0:
+        print(f"error: --max-body-mb must be positive, got {args.max_body_mb}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from . import NullEngine, serve
@@ -86,6 +96,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hpcai_async.s
             engine=NullEngine if args.null else None,
             long_poll_s=args.long_poll,
             dialect=args.dialect,
+            max_body_bytes=int(args.max_body_mb * 2**20),
         )
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,27 +19,24 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
-from .. import types
-from .._errors import AuthenticationError, BadRequestError, error_for_status
-from .codec import Codec, status_of
+from .. import _wire, types
+from .._errors import APIStatusError, AuthenticationError, BadRequestError
+from .codec import Codec
 from .engine_api import EngineAPI
-from .lifecycle import API_KEY, FEATURES_KEY, SCHEDULER, SERVICE, lifecycle
+from .lifecycle import API_KEY, DEFAULT_LIMITS, FEATURES_KEY, LIMITS, SCHEDULER, SERVICE, Limits, lifecycle
 from .ordering import ReleaseSeqRequest
 from .rest import REST_ROUTES
 from .scheduler import Record, Scheduler
 from .service import Call, Service
 
-__all__ = ("DIALECTS", "FEATURES", "MAX_BODY_BYTES", "SCHEDULER", "SERVICE", "build_app")
+__all__ = ("DIALECTS", "FEATURES", "SCHEDULER", "SERVICE", "build_app")
 
 FEATURES = ["seq_id", "msgpack", "long_poll", "load_optimizer", "inline_result", "batch"]
 # What each dialect advertises: "local" is ours (every extension); "hosted" advertises what the hosted HPC-AI
 # service does (none), so a client talks to it exactly as to the hosted service (benchmarks, compatibility).
 DIALECTS: dict[str, list[str]] = {"local": FEATURES, "hosted": []}
-INLINE_WAIT_HEADER = "X-HpcAI-Async-Inline-Wait"  # seconds the submit may be held for the result
-INLINE_WAIT_MAX = 0.05  # s: a held submit still answers quickly; longer jobs are long-polled as usual
-IDEMPOTENCY_HEADER = "X-Idempotency-Key"
-MAX_BODY_BYTES = 1 << 30
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -68,10 +65,7 @@ BATCH_ROUTES = ("retrieve_future", *(name for name in SUBMITS if name != "sample
 
 def _inline_wait(headers: Mapping[str, str]) -> float:
     """How long the client will wait for the result inside the submit answer ("inline_result")."""
-    try:
-        return min(float(headers.get(INLINE_WAIT_HEADER, 0)), INLINE_WAIT_MAX)
-    except ValueError:
-        return 0.0
+    return _wire.inline_wait(headers.get(_wire.INLINE_WAIT_HEADER))
 
 
 def _fingerprint(path: str, raw: bytes) -> bytes:
@@ -92,12 +86,9 @@ async def _future(service: Service, codec: Codec, record: Record, wait: float) -
 async def _direct(service: Service, codec: Codec, record: Record) -> web.Response:
     """Wait for ``record`` and answer its result directly (for the synchronous routes)."""
     if not await service.wait(record, None):
-        error = types.ErrorResponse(
-            error="InternalServerError", message="the server is shutting down; retry later"
-        )
-        return codec.reply(error, 503)
+        return codec.error_reply(503, "the server is shutting down; retry later")
     outcome = service.take(record)
-    return codec.reply(outcome, status_of(outcome.error) if record.error is not None else 200)
+    return codec.reply(outcome, _wire.status_for_error(outcome.error) if record.error is not None else 200)
 
 
 async def _submit(
@@ -154,7 +145,8 @@ async def _batch_answer(
             response = await _submit(service, item.path, body, codec, item.idempotency_key or None, wait)
         else:
             raise BadRequestError(
-                f"path: {item.path[:100]!r} cannot be batched; a batch carries {', '.join(BATCH_ROUTES)}"
+                f"path: {_wire.shorten(item.path, 100)} cannot be batched; a batch carries "
+                f"{', '.join(BATCH_ROUTES)}"
             )
     except Exception as exc:  # what the middleware would answer, for this request alone
         response = codec.error(exc, f"/api/v1/batch: {item.path[:100]}")
@@ -170,7 +162,7 @@ async def _batch_answer(
 def _submit_route(name: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         raw = await request.read()
-        key = request.headers.get(IDEMPOTENCY_HEADER) or None
+        key = request.headers.get(_wire.IDEMPOTENCY_KEY) or None
         return await _submit(
             request.app[SERVICE], name, raw, Codec.of(request), key, _inline_wait(request.headers)
         )
@@ -198,7 +190,7 @@ async def telemetry(request: web.Request) -> web.Response:
 async def create_model(request: web.Request) -> web.Response:
     codec, raw = Codec.of(request), await request.read()
     req = codec.decode(raw, types.CreateModelRequest)
-    call = Call(request.headers.get(IDEMPOTENCY_HEADER) or None, _fingerprint(request.path, raw))
+    call = Call(request.headers.get(_wire.IDEMPOTENCY_KEY) or None, _fingerprint(request.path, raw))
     record = request.app[SERVICE].create_model(req, call, owner=request.headers.get("X-Username") or "local")
     return await _future(request.app[SERVICE], codec, record, _inline_wait(request.headers))
 
@@ -237,13 +229,56 @@ async def batch(request: web.Request) -> web.Response:
 
 
 def _check_key(request: web.Request) -> None:
-    given = request.headers.get("X-API-Key", "")
+    given = request.headers.get(_wire.API_KEY, "")
     expected = request.app[API_KEY]
-    if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+    # surrogateescape: a header's non-UTF-8 bytes come back as they were sent (and simply do not match)
+    if not given or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
         raise AuthenticationError(
             ("the X-API-Key header is missing" if not given else "the X-API-Key header is wrong")
-            + "; use the key the server printed at start (HPCAIAPI_KEY=...) or the one given with --api-key"
+            + "; use the key the server printed at start (HPCAI_API_KEY=...) or the one given with --api-key"
         )
+
+
+def _too_large(limit: int) -> APIStatusError:
+    return APIStatusError(
+        f"the request body is larger than this server's limit of {limit / 2**20:g} MiB ({limit} bytes, "
+        "counted after gzip inflation); send the data in several smaller requests (split a forward_backward "
+        "batch into a few calls before one optim_step, or sample fewer prompts per call), or start the "
+        "server with a larger --max-body-mb (LocalServer(max_body_bytes=...))",
+        status=413,
+    )
+
+
+async def _read_body(request: web.Request) -> None:
+    """Read the whole body now, within the body deadline and the size limit (after gzip inflation too).
+
+    aiohttp inflates a gzip body in bounded pieces and stops at the limit, so a small compressed body never
+    grows into a large one in memory. Routes then read the body from aiohttp's cache.
+    """
+    if not request.body_exists:
+        return
+    limits = request.app[LIMITS]
+    if request.content_length is not None and request.content_length > limits.max_body_bytes:
+        raise _too_large(limits.max_body_bytes)
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            await request.read()
+    except TimeoutError:
+        raise APIStatusError(
+            f"the request body did not arrive within {limits.body_timeout_s:g} s; send it at once "
+            "(a connection that stalls mid-body is dropped)",
+            status=408,
+        ) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limits.max_body_bytes) from None
+    except RequestPayloadError as exc:
+        encoding = request.headers.get("Content-Encoding")
+        if encoding:
+            raise BadRequestError(
+                f"the request body is not valid {_wire.shorten(encoding, 50)} (its Content-Encoding); "
+                "compress it with that encoding, or send it uncompressed without the header"
+            ) from None
+        raise BadRequestError(f"the request body could not be read: {exc}") from None
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -251,14 +286,9 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
         message = f"no such endpoint: {request.method} {request.path} (see PROTOCOL.md §2 for the routes)"
     elif exc.status == 405:
         message = f"{request.path} does not accept {request.method}"
-    elif exc.status == 413:
-        message = (
-            f"the request body is larger than {request.app._client_max_size} bytes; send smaller batches"
-        )
     else:
         message = exc.text or exc.reason
-    error = types.ErrorResponse(error=error_for_status(exc.status).__name__, message=message)
-    return Codec.of(request).reply(error, exc.status)
+    return Codec.of(request).error_reply(exc.status, message)
 
 
 @web.middleware
@@ -266,6 +296,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         if request.path != "/api/v1/healthz":
             _check_key(request)
+        await _read_body(request)
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -274,7 +305,14 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     except ConnectionError:
         raise
     except Exception as exc:
-        return Codec.of(request).error(exc, request.path)
+        response = Codec.of(request).error(exc, request.path)
+        if response.status in (408, 413):  # the rest of the body is not read: this connection cannot go on
+            response.force_close()  # (aiohttp reads and drops what still comes for a while, then closes)
+        if response.status == 408 and request.transport is not None:  # a stalled client: drop it now
+            await response.prepare(request)
+            await response.write_eof()
+            request.transport.close()
+        return response
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -288,7 +326,7 @@ def build_app(
     scheduler: Scheduler | None = None,
     dialect: str = "local",
     close_engine: bool = True,
-    max_body_bytes: int = MAX_BODY_BYTES,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> web.Application:
     """The aiohttp application serving every route of PROTOCOL.md §2 under ``/api/v1``.
 
@@ -299,8 +337,9 @@ def build_app(
     if dialect not in DIALECTS:
         raise ValueError(f"dialect must be one of {sorted(DIALECTS)}, got {dialect[:50]!r}")
     scheduler = scheduler or Scheduler()
-    app = web.Application(middlewares=[middleware], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[middleware], client_max_size=limits.max_body_bytes)
     app[SCHEDULER], app[API_KEY], app[FEATURES_KEY] = scheduler, api_key, DIALECTS[dialect]
+    app[LIMITS] = limits
 
     async def wake(app: web.Application) -> None:
         scheduler.wake_all()  # long-polls answer now, before the server waits for open requests to end

@@ -1,11 +1,15 @@
-"""How the server reads and writes bodies: JSON or MessagePack by Content-Type and Accept, and error bodies.
+"""How the server reads and writes bodies: JSON or MessagePack by Content-Type and Accept, and error answers.
 
-Requests are decoded with the shared msgspec structs (``hpcai_async.types``), so the bodies the official SDK
-sends are accepted as they are: ``null`` inside nested objects, integers for floats, ``type`` present or
-absent, unknown fields ignored. A body with ``Content-Type: application/msgpack`` is read as MessagePack
-(tensors as raw little-endian bytes); an answer is MessagePack when the request's ``Accept`` names
-``application/msgpack``, else JSON. Every error answer is ``{"error": <exception class>, "message": <what was
-wrong and how to fix it>}`` with the status of ``hpcai_async._errors``.
+The codecs, media types, header names, error-body shape and status table are ``hpcai_async._wire``'s, shared
+with the client; this module adds what only the server says. Requests are decoded with the shared msgspec
+structs (``hpcai_async.types``), so the bodies the official SDK sends are accepted as they are: ``null``
+inside nested objects, integers for floats, ``type`` present or absent, unknown fields ignored. A body with
+``Content-Type: application/msgpack`` is read as MessagePack (tensors as raw little-endian bytes); an answer
+is MessagePack when the request's ``Accept`` names ``application/msgpack``, else JSON. A body that does not
+decode is a 400 naming the field (and the allowed values of an enum), or saying that it is in the other
+format. Every error answer is ``{"error": <exception class>, "message": <what was wrong and how to fix it>}``
+(plus ``code`` where there is one) with the status of ``hpcai_async._errors``; a message is cut to
+MESSAGE_MAX characters, however long a value it quoted.
 """
 
 from __future__ import annotations
@@ -18,21 +22,19 @@ from typing import Any, TypeVar, get_args
 import msgspec
 from aiohttp import web
 
-from .. import _tensor, types
-from .._errors import APIError, BadRequestError, ConflictError, error_for_status
-from .scheduler import error_response
+from .. import _wire, types
+from .._errors import APIError, BadRequestError, ConflictError
 
-__all__ = ("Codec", "status_of")
+__all__ = ("MESSAGE_MAX", "Codec", "clip")
 
 log = logging.getLogger("hpcai_async.server")
 
 T = TypeVar("T")
 
-_MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"})
-_JSON_ENCODER = msgspec.json.Encoder(enc_hook=_tensor.json_enc_hook)
-_MSGPACK_ENCODER = msgspec.msgpack.Encoder(enc_hook=_tensor.msgpack_enc_hook)
-_DECODERS: dict[tuple[type[Any], bool], Any] = {}
 _PATH_RE = re.compile(r" - at `\$\.?(.*)`$")
+MESSAGE_MAX = 1000  # characters of an error message: a few quoted values (_wire.shorten) and the advice
+_NOT_RETRIED = (ConflictError,)  # the same request conflicts however often it is retried
+_MSGPACK_MAP = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}  # the first byte of a MessagePack map
 
 
 def _friendly(exc: msgspec.ValidationError) -> str:
@@ -69,6 +71,13 @@ class _SeqOnly(msgspec.Struct):
     seq_id: int | msgspec.UnsetType = msgspec.UNSET
 
 
+def clip(message: str) -> str:
+    """An error message cut to MESSAGE_MAX characters: whatever it quoted, the answer stays small."""
+    if len(message) <= MESSAGE_MAX:
+        return message
+    return f"{message[: MESSAGE_MAX - 40]}... ({len(message) - MESSAGE_MAX + 40} more characters cut)"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Codec:
     """How one request is read and answered: MessagePack or JSON, by its Content-Type and its Accept."""
@@ -78,16 +87,8 @@ class Codec:
 
     @classmethod
     def of(cls, request: web.BaseRequest) -> Codec:
-        return cls(
-            request.content_type in _MSGPACK_TYPES, "application/msgpack" in request.headers.get("Accept", "")
-        )
-
-    def _decoder(self, struct: type[T]) -> Any:
-        dec = _DECODERS.get((struct, self.msgpack_in))
-        if dec is None:
-            make = msgspec.msgpack.Decoder if self.msgpack_in else msgspec.json.Decoder
-            dec = _DECODERS[(struct, self.msgpack_in)] = make(struct)
-        return dec
+        accept = request.headers.get("Accept", "")
+        return cls(_wire.is_msgpack(request.content_type), _wire.MSGPACK in accept)
 
     def decode(self, raw: bytes, struct: type[T]) -> T:
         """The body as ``struct``; 400 naming the field (or the format) when it is not one."""
@@ -95,44 +96,59 @@ class Codec:
         if not raw:
             raise BadRequestError(f"the request body is empty; send a {kind} object ({struct.__name__})")
         try:
-            return self._decoder(struct).decode(raw)  # type: ignore[no-any-return]
-        except msgspec.ValidationError as exc:
-            raise BadRequestError(_friendly(exc)) from None
-        except msgspec.DecodeError as exc:
+            return _wire.decoder(struct, self.msgpack_in).decode(raw)  # type: ignore[no-any-return]
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            mismatch = self._format_mismatch(raw)
+            if mismatch:
+                raise BadRequestError(mismatch) from None
+            if isinstance(exc, msgspec.ValidationError):
+                raise BadRequestError(_friendly(exc)) from None
+            media = _wire.MSGPACK if self.msgpack_in else _wire.JSON
             raise BadRequestError(
-                f"the request body is not valid {kind} ({exc}); send Content-Type: "
-                f"{'application/msgpack' if self.msgpack_in else 'application/json'} with a {kind} object"
+                f"the request body is not valid {kind} ({exc}); send Content-Type: {media} with a {kind} "
+                "object"
             ) from None
+
+    def _format_mismatch(self, raw: bytes) -> str:
+        """What to say when a body that failed to decode is plainly in the other format ('' if not)."""
+        if self.msgpack_in and raw.lstrip()[:1] in (b"{", b"["):
+            return (
+                "the request body is JSON but its Content-Type says MessagePack; send Content-Type: "
+                f"{_wire.JSON} with a JSON body, or encode the body as MessagePack"
+            )
+        if not self.msgpack_in and raw[0] in _MSGPACK_MAP:
+            return (
+                "the request body is MessagePack but its Content-Type is not; send Content-Type: "
+                f"{_wire.MSGPACK} with a MessagePack body, or encode the body as JSON"
+            )
+        return ""
 
     def seq_of(self, raw: bytes) -> _SeqOnly | None:
         """The model_id and seq_id of a body that did not decode as a whole, if they can still be read."""
         try:
-            return self._decoder(_SeqOnly).decode(raw)  # type: ignore[no-any-return]
+            return _wire.decoder(_SeqOnly, self.msgpack_in).decode(raw)  # type: ignore[no-any-return]
         except (msgspec.ValidationError, msgspec.DecodeError):
             return None
 
     def encode(self, obj: Any) -> bytes:
-        return (_MSGPACK_ENCODER if self.msgpack_out else _JSON_ENCODER).encode(obj)
+        return _wire.encode(obj, self.msgpack_out)[0]
 
     def reply(self, obj: Any, status: int = 200) -> web.Response:
-        content_type = "application/msgpack" if self.msgpack_out else "application/json"
-        return web.Response(body=self.encode(obj), status=status, content_type=content_type)
+        body, content_type = _wire.encode(obj, self.msgpack_out)
+        return web.Response(body=body, status=status, content_type=content_type)
+
+    def error_reply(self, status: int, message: str, code: str | None = None) -> web.Response:
+        """An error answer of ``status``: the exception class the client will raise, and the message."""
+        return self.reply(_wire.error_body(_wire.error_name(status), clip(message), code), status)
 
     def error(self, exc: BaseException, where: str = "") -> web.Response:
         """The error answer for ``exc``: its status and message for an APIError, else a logged 500."""
-        if isinstance(exc, APIError):
-            response = self.reply(error_response(exc), exc.status or 500)
-            if isinstance(exc, ConflictError):  # the same request conflicts however often it is retried
-                response.headers["x-should-retry"] = "false"
-            return response
-        log.exception("unexpected error in %s", where, exc_info=exc)
-        message = f"unexpected server error: {type(exc).__name__}: {exc}"
-        return self.reply(types.ErrorResponse(error="InternalServerError", message=message), 500)
-
-
-def status_of(error: str) -> int:
-    """The HTTP status of an ``ErrorResponse.error`` class name (500 if unknown)."""
-    for status in (400, 401, 403, 404, 409, 410, 422, 429):
-        if error_for_status(status).__name__ == error:
-            return status
-    return 500
+        if not isinstance(exc, APIError):
+            log.error("unexpected error in %s", where, exc_info=exc)
+            return self.error_reply(500, f"unexpected server error: {type(exc).__name__}: {exc}")
+        status = exc.status or 500
+        body = _wire.error_body(type(exc).__name__, clip(exc.message), exc.code)
+        response = self.reply(body, status)
+        if isinstance(exc, _NOT_RETRIED) or status == 413:
+            response.headers[_wire.SHOULD_RETRY] = "false"
+        return response

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,12 +22,40 @@ from .scheduler import Scheduler
 from .service import Service
 from .store import Store
 
-__all__ = ("API_KEY", "FEATURES_KEY", "SCHEDULER", "SERVICE", "lifecycle")
+__all__ = (
+    "API_KEY",
+    "BODY_TIMEOUT_S",
+    "DEFAULT_LIMITS",
+    "FEATURES_KEY",
+    "HEAD_TIMEOUT_S",
+    "LIMITS",
+    "MAX_BODY_BYTES",
+    "SCHEDULER",
+    "SERVICE",
+    "Limits",
+    "lifecycle",
+)
 
 SERVICE = web.AppKey("service", Service)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 API_KEY = web.AppKey("api_key", str)
 FEATURES_KEY = web.AppKey("features", list)
+
+MAX_BODY_BYTES = 256 << 20  # a real batch (thousands of sequences of a few thousand tokens) fits
+BODY_TIMEOUT_S = 120.0  # s to read a whole body: 256 MiB at ~2 MB/s; a stalled client is dropped after it
+HEAD_TIMEOUT_S = 60.0  # s to read a request's head, and the idle time a kept-alive connection may wait
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may take: body bytes (after gzip inflation) and seconds to send its body."""
+
+    max_body_bytes: int = MAX_BODY_BYTES
+    body_timeout_s: float = BODY_TIMEOUT_S
+
+
+DEFAULT_LIMITS = Limits()
+LIMITS = web.AppKey("limits", Limits)
 
 Lifecycle = Callable[[web.Application], AsyncIterator[None]]
 

@@ -7,11 +7,11 @@ blocks the event loop. An archive is streamed as it is written (never all of it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 
 from aiohttp import web
 
-from .. import types
+from .. import _wire, types
 from .._errors import BadRequestError, NotFoundError
 from .codec import Codec
 from .lifecycle import SERVICE
@@ -27,7 +27,7 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     try:
         value = int(raw)
     except ValueError:
-        raise BadRequestError(f"query parameter {name}: {raw[:50]!r} is not an integer") from None
+        raise BadRequestError(f"query parameter {name}: {_wire.shorten(raw, 50)} is not an integer") from None
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise BadRequestError(f"query parameter {name}: must be {bound}, got {value}")
@@ -39,7 +39,7 @@ def _run(request: web.Request) -> RunRecord:
     run = request.app[SERVICE].store.get_run(run_id)
     if run is None:
         raise NotFoundError(
-            f"training run {run_id[:200]!r} does not exist on this server; list the runs with "
+            f"training run {_wire.shorten(run_id)} does not exist on this server; list the runs with "
             "GET /api/v1/training_runs"
         )
     return run
@@ -83,26 +83,31 @@ async def checkpoint_archive(request: web.Request) -> web.StreamResponse:
     ckpt = request.match_info["checkpoint_id"]
     ref = request.app[SERVICE].store.get_checkpoint(run.run_id, ckpt)
     chunks = request.app[SERVICE].store.iter_archive(ref)
-    loop, io = asyncio.get_running_loop(), request.app[SERVICE].io
+    io = request.app[SERVICE].io
     response = web.StreamResponse(
         headers={
-            "Content-Type": "application/gzip",
+            "Content-Type": _wire.GZIP,
             "Content-Disposition": f'attachment; filename="{run.run_id}-{ckpt}.tar.gz"',
         }
     )
     response.enable_chunked_encoding()
+    pending: concurrent.futures.Future[bytes | None] | None = None
     try:
-        first = await loop.run_in_executor(io, next, chunks, None)  # errors here still get a status
+        pending = io.submit(next, chunks, None)
+        chunk = await asyncio.wrap_future(pending)  # errors here still get a status
         await response.prepare(request)
-        chunk = first
         while chunk is not None:
             await response.write(chunk)
-            chunk = await loop.run_in_executor(io, next, chunks, None)
+            pending = io.submit(next, chunks, None)
+            chunk = await asyncio.wrap_future(pending)
         await response.write_eof()
     finally:
-        # ValueError: still running in the io thread after a cancellation; it ends with the generator
-        with contextlib.suppress(ValueError):
+        # The generator holds a checkpoint file open. Cancelled while an io thread runs it, it cannot be
+        # closed yet (ValueError: generator already executing): close it as soon as that step ends.
+        if pending is None:
             chunks.close()
+        else:
+            pending.add_done_callback(lambda _: chunks.close())
     return response
 
 

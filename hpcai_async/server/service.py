@@ -24,6 +24,7 @@ import msgspec
 
 from .. import types
 from .._errors import APIError, BadRequestError, InternalServerError, NotFoundError
+from .._wire import shorten
 from .engine_api import EngineAPI, SampleJob, check_adam, check_lora
 from .ordering import ReleaseSeqRequest
 from .scheduler import ModelState, Record, Scheduler
@@ -97,7 +98,7 @@ class Service:
         if not self.engine.has_model(base_model):
             served = ", ".join(m.model_name for m in self.supported_models() if m.model_name)
             raise BadRequestError(
-                f"{field}: {base_model!r} is not served here; this server has {served} "
+                f"{field}: {shorten(base_model)} is not served here; this server has {served} "
                 "(GET /api/v1/get_server_capabilities lists them; start the server with --model to add one)"
             )
 
@@ -114,7 +115,7 @@ class Service:
                     f"model {model_id} is not loaded: it was created before this server started; {resume}"
                 )
             raise NotFoundError(
-                f"unknown model_id {model_id!r}; create a model first (create_model, or "
+                f"unknown model_id {shorten(model_id)}; create a model first (create_model, or "
                 "ServiceClient.create_lora_training_client)"
             )
         if model.status in ("unloading", "unloaded"):
@@ -214,7 +215,7 @@ class Service:
         elif run is not None:
             base, lora = run.base_model, run.lora_config
         else:
-            raise NotFoundError(f"unknown model_id {model_id!r}; create a model first (create_model)")
+            raise NotFoundError(f"unknown model_id {shorten(model_id)}; create a model first (create_model)")
         arch = self.engine.spec(base).arch if self.engine.has_model(base) else None
         return types.GetInfoResponse(
             model_data=types.ModelData(arch=arch, model_name=base),
@@ -363,8 +364,8 @@ class Service:
             ref = self.store.resolve(model_path, "model_path")
             if base is not None and base != ref.meta.base_model:
                 raise BadRequestError(
-                    f"base_model: {base!r} does not match model_path {model_path!r}, which was trained on "
-                    f"{ref.meta.base_model!r}; leave base_model out or make them agree"
+                    f"base_model: {shorten(base)} does not match model_path {shorten(model_path)}, which was "
+                    f"trained on {ref.meta.base_model!r}; leave base_model out or make them agree"
                 )
             base, adapter = ref.meta.base_model, ref.directory
         if base is None:
@@ -427,7 +428,7 @@ def _check_loadable(req: types.LoadWeightsRequest, meta: CheckpointMeta, model: 
     """Whether loading ``meta`` into ``model`` loads optimizer state; 400 when the checkpoint does not fit."""
     if meta.base_model != model.base_model:
         raise BadRequestError(
-            f"path: {req.path!r} was trained on {meta.base_model!r} but model {model.model_id} uses "
+            f"path: {shorten(req.path)} was trained on {meta.base_model!r} but model {model.model_id} uses "
             f"{model.base_model!r}; create a model on {meta.base_model!r} to load it "
             "(create_training_client_from_state does this)"
         )
@@ -439,14 +440,14 @@ def _check_loadable(req: types.LoadWeightsRequest, meta: CheckpointMeta, model: 
     ]
     if mismatch:
         raise BadRequestError(
-            f"path: {req.path!r} has a different LoRA layout: {', '.join(mismatch)}; create the "
+            f"path: {shorten(req.path)} has a different LoRA layout: {', '.join(mismatch)}; create the "
             "model with the checkpoint's lora_config to load it"
         )
     if req.optimizer is msgspec.UNSET:
         return meta.checkpoint_type == "training"
     if req.optimizer and meta.checkpoint_type != "training":
         raise BadRequestError(
-            f"optimizer: {req.path!r} is a sampler checkpoint and holds no optimizer state; "
+            f"optimizer: {shorten(req.path)} is a sampler checkpoint and holds no optimizer state; "
             "load it with optimizer=false, or load a training checkpoint (save_state)"
         )
     return bool(req.optimizer)
