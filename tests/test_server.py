@@ -1071,6 +1071,16 @@ def test_shutdown_answers_waiting_long_polls(server_factory: Factory) -> None:
     wire_test(srv, body)
 
 
+def test_request_limits_are_configurable_and_checked() -> None:
+    from hpcai_async.server.__main__ import main
+
+    assert LocalServer().limits.max_body_bytes == 256 << 20  # the default: real batches fit, 1 GiB did not
+    assert LocalServer(max_body_bytes=1 << 20).limits.max_body_bytes == 1 << 20
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        LocalServer(max_body_bytes=0)
+    assert main(["--max-body-mb", "0"]) == 2  # refused before anything starts
+
+
 def test_cli_prints_url_and_key_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     code = "import sys; from hpcai_async.server.__main__ import main; sys.exit(main(sys.argv[1:]))"
     args = [
