@@ -6,6 +6,7 @@ Layout of a store folder (everything survives a restart; a new server on the sam
     runs/{run_id}/checkpoints/{checkpoint_id}/meta.json      kind, time, path, what the files hold
     runs/{run_id}/checkpoints/{checkpoint_id}/...            the engine's files (safetensors + JSON)
     tmp/                                                     work folders; emptied when a store opens
+    lock                                                     held (flock) by the one server using the store
 
 Checkpoint ids and paths follow the hosted service (PROTOCOL.md §5.8): ``save_weights(name)`` makes
 ``{name}_training`` at ``hpcai://{run}/weights/{name}_training``; ``save_weights_for_sampler(name)`` makes
@@ -17,15 +18,27 @@ folder are fsynced, then the folder is renamed into place. Saving under a name t
 checkpoint, as the hosted service does: the old folder is first renamed away into ``tmp/``, then the new one
 is renamed in. A crash between the two renames leaves no checkpoint of that name (never a half-written or
 mixed one), and whatever is left in ``tmp/`` is deleted the next time the store opens. JSON files are written
-to a temporary name, fsynced and ``os.replace``-d."""
+to a temporary name, fsynced and ``os.replace``-d; a temporary JSON file a crash left behind is deleted when
+the store opens.
+
+One server per store: opening a store takes an exclusive lock on ``lock`` (which holds the server's pid), so a
+second server on the same folder fails at start with an error naming the first, instead of wiping its saves in
+progress. The lock ends with the process, however it ends.
+
+Nothing outside the store is ever read, listed, archived, loaded or deleted through the server: links are
+never followed. A run or checkpoint folder that is a link, or a checkpoint holding a link anywhere inside, is
+not a checkpoint of this store (not listed, 404); archive files are opened with ``O_NOFOLLOW``. Error messages
+name runs and checkpoints, never the store's own path."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import os
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import threading
@@ -153,6 +166,47 @@ _meta_decoder = msgspec.json.Decoder(CheckpointMeta)
 _encoder = msgspec.json.Encoder()
 
 
+def _lock_store(path: Path) -> int:
+    """Take the store's lock (held until the returned descriptor closes), or say who holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RuntimeError(
+            f"the store {path.parent} is in use by another server (pid {holder}): one server per store; "
+            "stop that server, or start this one with another --store"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _is_real(path: Path) -> bool:
+    """``path`` (under the resolved store root) is reached without following any link."""
+    return path.resolve() == path and not path.is_symlink()
+
+
+def _holds_link(directory: Path) -> str | None:
+    """The first link inside ``directory`` (relative name), or None; links are listed, never followed."""
+    for dirpath, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(dirpath, name)):
+                return os.path.relpath(os.path.join(dirpath, name), directory)
+    return None
+
+
+def _read_file(path: Path) -> bytes:
+    """The bytes of a regular file, refusing a link (``O_NOFOLLOW``: no race between check and open)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -199,6 +253,7 @@ class Store:
         self.runs_dir = self.root / "runs"
         self.tmp_dir = self.root / "tmp"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = _lock_store(self.root / "lock")
         # Leftovers of an interrupted save or delete: never valid checkpoints, so they go.
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -206,16 +261,24 @@ class Store:
         self._runs: dict[str, RunRecord] = {}
         self._dirty: set[str] = set()
         for run_dir in self.runs_dir.iterdir():
+            if not _is_real(run_dir) or not run_dir.is_dir():
+                continue  # a link (it could lead anywhere) or a stray file: not a run
+            for orphan in run_dir.glob(".run.json.*.tmp"):  # a run.json write a crash interrupted
+                orphan.unlink(missing_ok=True)
             try:
-                run = _run_decoder.decode((run_dir / "run.json").read_bytes())
+                run = _run_decoder.decode(_read_file(run_dir / "run.json"))
             except (OSError, msgspec.DecodeError, msgspec.ValidationError):
                 continue  # not a run (or a run.json from an interrupted first write): skip it
-            self._runs[run.run_id] = run
+            if run.run_id == run_dir.name:
+                self._runs[run.run_id] = run
 
     def close(self) -> None:
         self.flush()
         if self._owned:
             shutil.rmtree(self.root, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     # ------------------------------------------------------------------------------------------------ runs
 
@@ -274,12 +337,13 @@ class Store:
     # -------------------------------------------------------------------------------------------- checkpoints
 
     def _run_dir(self, run_id: str) -> Path:
-        if not _RUN_ID_RE.fullmatch(run_id) or self.get_run(run_id) is None:
+        run_dir = self.runs_dir / run_id
+        if not _RUN_ID_RE.fullmatch(run_id) or self.get_run(run_id) is None or not _is_real(run_dir):
             raise NotFoundError(
-                f"training run {run_id!r} does not exist on this server; list the runs with "
+                f"training run {run_id[:200]!r} does not exist on this server; list the runs with "
                 "GET /api/v1/training_runs"
             )
-        return self.runs_dir / run_id
+        return run_dir
 
     def new_work_dir(self) -> Path:
         """An empty folder under ``tmp/`` for the engine to save into (then ``commit_checkpoint`` it)."""
@@ -314,28 +378,38 @@ class Store:
         except FileNotFoundError:
             return []
         for entry in entries:
-            try:
-                out.append(_meta_decoder.decode((entry / "meta.json").read_bytes()))
-            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-                continue
+            meta = self._read_meta(entry)
+            if meta is not None:
+                out.append(meta)
         out.sort(key=lambda m: (m.time, m.checkpoint_id))
         return [m.to_wire() for m in out]
+
+    @staticmethod
+    def _read_meta(directory: Path) -> CheckpointMeta | None:
+        """The metadata of the checkpoint in ``directory``, or None if it is not one (or holds a link)."""
+        if not _is_real(directory) or _holds_link(directory) is not None:
+            return None
+        try:
+            meta = _meta_decoder.decode(_read_file(directory / "meta.json"))
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        return meta if meta.checkpoint_id == directory.name else None
 
     def get_checkpoint(self, run_id: str, checkpoint_id: str) -> CheckpointRef:
         """The checkpoint ``checkpoint_id`` of ``run_id``, or NotFoundError naming what exists."""
         run_dir = self._run_dir(run_id)
         if _NAME_RE.fullmatch(checkpoint_id) and ".." not in checkpoint_id:
             directory = run_dir / "checkpoints" / checkpoint_id
-            try:
-                meta = _meta_decoder.decode((directory / "meta.json").read_bytes())
-            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-                pass
-            else:
+            meta = self._read_meta(directory)
+            if meta is not None:
                 return CheckpointRef(meta, directory)
+        raise self._no_checkpoint(run_id, checkpoint_id)
+
+    def _no_checkpoint(self, run_id: str, checkpoint_id: str) -> NotFoundError:
         have = [c.checkpoint_id for c in self.list_checkpoints(run_id)]
-        raise NotFoundError(
-            f"checkpoint {checkpoint_id!r} of run {run_id!r} does not exist; "
-            + (f"the run has {', '.join(have)}" if have else "the run has no checkpoints")
+        return NotFoundError(
+            f"checkpoint {checkpoint_id[:200]!r} of run {run_id!r} does not exist; "
+            + (f"the run has {', '.join(have)}"[:400] if have else "the run has no checkpoints")
         )
 
     def resolve(self, path: str, field: str = "path") -> CheckpointRef:
@@ -366,8 +440,13 @@ class Store:
         ref = self.get_checkpoint(run_id, checkpoint_id)
         trash = self.tmp_dir / f"del-{uuid.uuid4().hex}"
         with self._lock:
-            os.rename(ref.directory, trash)  # gone from listings at once; the files go below
-        shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.rename(ref.directory, trash)  # gone from listings at once; the files go below
+            except FileNotFoundError:  # a concurrent delete of the same checkpoint won
+                raise self._no_checkpoint(run_id, checkpoint_id) from None
+        shutil.rmtree(
+            trash, ignore_errors=True
+        )  # never follows links: a link inside is unlinked, not entered
 
     # ----------------------------------------------------------------------------------------------- archives
 
@@ -377,16 +456,29 @@ class Store:
         Entries are the checkpoint's files at the top level of the archive (``adapter_model.safetensors``, …).
         """
         comp = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip header and trailer
-        files = sorted(p for p in ref.directory.rglob("*") if p.is_file())
+        files = sorted(
+            Path(dirpath, name)
+            for dirpath, _dirs, names in os.walk(ref.directory)  # does not enter linked folders
+            for name in names
+            if not os.path.islink(os.path.join(dirpath, name))
+        )
         for file in files:
-            st = file.stat()
-            info = tarfile.TarInfo(file.relative_to(ref.directory).as_posix())
+            name = file.relative_to(ref.directory).as_posix()
+            try:
+                fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)  # a link put there since: refused
+            except OSError:
+                continue
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                continue
+            info = tarfile.TarInfo(name)
             info.size = st.st_size
             info.mtime = int(st.st_mtime)
             info.mode = 0o644
             out = comp.compress(info.tobuf(format=tarfile.PAX_FORMAT))
             written = 0
-            with open(file, "rb") as f:
+            with os.fdopen(fd, "rb") as f:
                 while written < info.size and (block := f.read(min(_ARCHIVE_CHUNK, info.size - written))):
                     written += len(block)
                     out += comp.compress(block)
@@ -394,7 +486,9 @@ class Store:
                         yield out
                         out = b""
             if written != info.size:
-                raise OSError(f"{file} changed size while it was archived")
+                raise OSError(
+                    f"{name} of checkpoint {ref.meta.checkpoint_id} changed size while it was archived"
+                )
             out += comp.compress(b"\0" * (-info.size % tarfile.BLOCKSIZE))
             if out:
                 yield out
