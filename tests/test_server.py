@@ -1003,6 +1003,54 @@ def test_local_server_async_with_on_the_callers_loop() -> None:
     assert threading.active_count() == threads
 
 
+def test_build_app_runs_under_aiohttp_run_app(tmp_path: Path) -> None:
+    """The lifecycle (store, engine thread, scheduler) is the app's own: ``web.run_app`` serves it as is."""
+    import socket
+
+    from aiohttp import web
+
+    from hpcai_async._loop import new_event_loop
+    from hpcai_async.server.app import build_app
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = build_app(NullEngine, api_key="k", store=tmp_path / "store")
+    loop = new_event_loop()
+
+    def serve() -> None:
+        web.run_app(app, sock=sock, handle_signals=False, print=None, loop=loop, shutdown_timeout=1)
+
+    def stop() -> None:
+        raise web.GracefulExit
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+
+        async def main() -> None:
+            async with ClientSession(f"http://127.0.0.1:{port}") as session:
+                for _ in range(100):  # until it listens (the engine is built first)
+                    try:
+                        async with session.get("/api/v1/healthz") as resp:
+                            assert resp.status == 200
+                            break
+                    except OSError:
+                        await asyncio.sleep(0.05)
+                headers = {"X-API-Key": "k"}
+                async with session.get("/api/v1/get_server_capabilities", headers=headers) as resp:
+                    caps = await resp.json()
+                assert (
+                    caps["supported_models"][0]["model_name"] == NULL_MODEL and "seq_id" in caps["features"]
+                )
+                assert (tmp_path / "store").is_dir()
+
+        run(main)
+    finally:
+        loop.call_soon_threadsafe(stop)
+        thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_shutdown_answers_waiting_long_polls(server_factory: Factory) -> None:
     engine = GatedEngine()
     srv = server_factory(engine=engine, long_poll_s=30)

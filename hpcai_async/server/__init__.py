@@ -15,7 +15,6 @@ the client's own overhead). ``python -m hpcai_async.server`` runs it from the co
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ipaddress
 import os
 import secrets
@@ -30,8 +29,9 @@ from typing import Any
 from aiohttp import web
 
 from .._loop import new_event_loop
-from .app import DIALECTS, Routes, build_app
+from .app import DIALECTS, build_app
 from .engine_api import EngineAPI
+from .lifecycle import SERVICE
 from .null_engine import NULL_MODEL, NullEngine
 from .scheduler import Scheduler
 from .store import Store
@@ -83,7 +83,6 @@ class LocalServer:
         )
         self.store: Store | None = None
         self._runner: web.AppRunner | None = None
-        self._io: concurrent.futures.ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
 
@@ -124,21 +123,21 @@ class LocalServer:
         """Open the store, start the engine's device thread, and listen. Use ``stop`` (or ``async with``)."""
         if self._runner is not None:
             raise RuntimeError("this LocalServer is already running")
-        factory, self._owns_engine = self._engine_factory()
-        self.store = Store(self.store_path)
-        self._io = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="hpcai-server-io")
-        loop = asyncio.get_running_loop()
-        store, io = self.store, self._io
-
-        async def flush() -> None:
-            await loop.run_in_executor(io, store.flush)
-
+        factory, owns_engine = self._engine_factory()
+        app = build_app(
+            factory,
+            api_key=self.api_key,
+            store=self.store_path,
+            scheduler=self.scheduler,
+            dialect=self.dialect,
+            close_engine=owns_engine,
+        )
+        runner = self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=5.0
+        )
         try:
-            await self.scheduler.start(factory, on_tick=flush)
-            app = build_app(Routes(self.scheduler, self.store, self.api_key, self._io, self.dialect))
-            runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
-            await runner.setup()
-            self._runner = runner
+            await runner.setup()  # the app's cleanup_ctx: store, engine, scheduler
+            self.store = app[SERVICE].store
             site = web.TCPSite(runner, self.host, self.port)
             await site.start()
         except BaseException:
@@ -148,19 +147,12 @@ class LocalServer:
 
     async def stop(self) -> None:
         """Answer waiting long-polls, stop listening, let a running engine call finish, close everything."""
-        self.scheduler.wake_all()
         await self._shutdown()
 
     async def _shutdown(self) -> None:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-        await self.scheduler.stop(close_engine=getattr(self, "_owns_engine", True))
-        if self._io is not None:
-            self._io.shutdown(wait=True)
-            self._io = None
-        if self.store is not None:
-            self.store.close()
 
     async def __aenter__(self) -> LocalServer:
         await self.start()

@@ -1,42 +1,74 @@
-"""What the server asks of an engine: the ``EngineAPI`` protocol, the sampling job, and shared input checks.
+"""What the server asks of an engine: the ``EngineAPI`` protocol, and every input rule, written once.
 
 torch-free on purpose: the server, ``NullEngine`` and the real ``Engine`` all import it, and the server must
 start (with ``NullEngine``) where torch is not installed.
+
+Each ``check_*`` function is one request's rules; it raises ``BadRequestError`` naming the field and the fix,
+and returns the request in checked form (``Batch``, ``AdamStep``, a ``SampleJob`` with its prompt ids), so the
+device thread converts and scans nothing a second time.
 
 Threading: the server calls ``validate_*``, ``supported_models``, ``has_model``, ``spec`` and ``has_run`` on
 its event loop (they must be quick: no model loading, no waiting on the engine's lock), and every other method
 on one worker thread per device, one call at a time. Errors: raise ``BadRequestError`` / ``NotFoundError``
 (from ``hpcai_async._errors``) for bad input; the message goes to the user as is, so say what was wrong and
-how to fix it."""
+how to fix it. A step that would make the run's weights or optimizer state non-finite raises
+``non_finite(...)`` and changes nothing.
+"""
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
+import numpy.typing as npt
+from msgspec import UnsetType
 
-from .. import _tensor, types
+from .. import types
 from .._errors import BadRequestError
+from .engine.losses import LOSSES
 from .models import ModelSpec
 
-__all__ = ("LOSS_FN_INPUTS", "EngineAPI", "SampleJob", "check_batch", "check_sample")
+__all__ = (
+    "LOSS_FN_INPUTS",
+    "MAX_LORA_RANK",
+    "MAX_NUM_SAMPLES",
+    "SEED_RANGE",
+    "AdamStep",
+    "Batch",
+    "EngineAPI",
+    "SampleJob",
+    "check_adam",
+    "check_batch",
+    "check_lora",
+    "check_sample",
+    "non_finite",
+)
 
-# Required loss_fn_inputs per loss function and their dtypes (PROTOCOL.md §5.3).
-LOSS_FN_INPUTS: dict[str, dict[str, str]] = {
-    "cross_entropy": {"target_tokens": "int64", "weights": "float32"},
-    "importance_sampling": {"target_tokens": "int64", "logprobs": "float32", "advantages": "float32"},
-    "ppo": {"target_tokens": "int64", "logprobs": "float32", "advantages": "float32"},
-}
+# Required loss_fn_inputs per loss function and their wire dtypes (PROTOCOL.md §5.3), from the loss registry.
+LOSS_FN_INPUTS: Final[dict[str, dict[str, str]]] = {name: dict(loss.inputs) for name, loss in LOSSES.items()}
+MAX_LORA_RANK: Final = 256  # the largest rank the hosted service offers
+MAX_NUM_SAMPLES: Final = 256  # per request: bounds one request's share of a sampling batch
+SEED_RANGE: Final = (0, 2**63)  # seeds are non-negative int64 (torch.manual_seed and numpy both take them)
+_QUOTE: Final = 200  # characters of a bad value an error message quotes at most (DESIGN: ~200)
+_DTYPES: Final = {"int64": "<i8", "float32": "<f4"}  # the wire dtypes (PROTOCOL.md §5.2), little-endian
+
+
+def non_finite(message: str) -> BadRequestError:
+    """The error of a step that would make a weight, a gradient or the optimizer state NaN or infinite (the
+    engine refuses it and changes nothing). A BadRequestError: the request's values caused it."""
+    return BadRequestError(message, code="non_finite")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SampleJob:
     """One ``asample`` / ``sample`` request, resolved by the server: the base model and, for a ``model_path``,
-    the checkpoint folder holding the adapter (None samples the base model itself)."""
+    the checkpoint folder holding the adapter (None samples the base model itself). ``prompt_ids`` is set by
+    ``check_sample`` (the prompt as one int64 array); the engine checks a job that lacks it."""
 
     prompt: types.ModelInput
     params: types.SamplingParams
@@ -44,13 +76,38 @@ class SampleJob:
     prompt_logprobs: bool = False
     base_model: str
     adapter_dir: Path | None = None
+    prompt_ids: npt.NDArray[np.int64] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A checked forward/forward_backward batch: per datum, ``input_ids`` and each loss input as 1-D arrays
+    (int64 token ids, float32 values, finite), all of one datum the same length."""
+
+    loss_fn: str
+    fields: dict[str, list[npt.NDArray[Any]]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.fields["input_ids"])
+
+
+@dataclass(frozen=True, slots=True)
+class AdamStep:
+    """Checked AdamW settings (``grad_clip_norm`` 0: no clipping)."""
+
+    learning_rate: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    grad_clip_norm: float
 
 
 class EngineAPI(Protocol):
     """The calls the server makes, with the real ``Engine``'s names (see the module docstring for threads).
 
-    ``run_id`` is the model id ``create_model`` returned (the same string names the training run).
-    ``close`` is optional: the server calls it when the engine has one.
+    ``run_id`` is the model id ``create_model`` returned (the same string names the training run). The
+    training calls take the checked form that ``validate_batch`` / ``check_adam`` return, or the raw request,
+    which they check first. ``close`` is optional: the server calls it when the engine has one.
     """
 
     def supported_models(self) -> list[types.SupportedModel]: ...
@@ -58,16 +115,18 @@ class EngineAPI(Protocol):
     def spec(self, base_model: str) -> ModelSpec: ...
     def has_run(self, run_id: str) -> bool: ...
 
-    def validate_batch(self, run_id: str, data: list[types.Datum], loss_fn: str) -> None: ...
-    def validate_sample(self, job: SampleJob) -> None: ...
+    def validate_batch(self, run_id: str, data: Sequence[types.Datum], loss_fn: str) -> Batch: ...
+    def validate_sample(self, job: SampleJob) -> SampleJob: ...
 
     def create_run(self, run_id: str, base_model: str, lora: types.LoraConfig) -> None: ...
     def unload(self, run_id: str) -> None: ...
-    def forward(self, run_id: str, data: list[types.Datum], loss_fn: str) -> types.ForwardBackwardOutput: ...
-    def forward_backward(
-        self, run_id: str, data: list[types.Datum], loss_fn: str
+    def forward(
+        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str
     ) -> types.ForwardBackwardOutput: ...
-    def optim_step(self, run_id: str, adam: types.AdamParams) -> types.OptimStepResponse: ...
+    def forward_backward(
+        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str
+    ) -> types.ForwardBackwardOutput: ...
+    def optim_step(self, run_id: str, adam: types.AdamParams | AdamStep) -> types.OptimStepResponse: ...
     def save(self, run_id: str, directory: str | Path, *, optimizer: bool = True) -> None:
         """Write the run's adapter (and with ``optimizer`` its optimizer state) into ``directory`` (an empty
         folder inside the store; the server makes it a checkpoint atomically afterwards)."""
@@ -82,80 +141,146 @@ class EngineAPI(Protocol):
         ...
 
 
-def _tokens(chunks: list[Any], where: str, vocab_size: int) -> int:
-    n = 0
+# ------------------------------------------------------------------------------------------ values
+
+
+def _quote(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _QUOTE else text[:_QUOTE] + "…"
+
+
+def _array(data: Any, dtype: str, shape: list[int] | None, what: str) -> npt.NDArray[Any]:
+    """``data`` as a flat array of the wire ``dtype``: a flat list of numbers, raw little-endian bytes or an
+    array of that kind. No silent conversion: 1.5, "5" and ``true`` are not token ids, nor "5" a number."""
+    if dtype not in _DTYPES:
+        raise BadRequestError(f"{what}: dtype must be one of {', '.join(_DTYPES)}; got {_quote(dtype)}")
+    np_dtype = np.dtype(_DTYPES[dtype])
+    kind = "integers (token ids)" if dtype == "int64" else "numbers"
+    if isinstance(data, bytes | bytearray | memoryview):
+        if len(data) % np_dtype.itemsize:
+            raise BadRequestError(f"{what}: {len(data)} bytes is not a whole number of {dtype} values")
+        arr = np.frombuffer(data, dtype=np_dtype)
+    elif isinstance(data, np.ndarray):
+        if data.dtype.kind not in ("iu" if dtype == "int64" else "iuf") or (
+            data.dtype.kind == "u" and data.size and int(data.max()) >= 2**63
+        ):
+            raise BadRequestError(f"{what}: values must be {kind}, got an array of {data.dtype}")
+        arr = data.astype(np_dtype, copy=False).reshape(-1)
+    elif isinstance(data, list):
+        allowed = (int,) if dtype == "int64" else (int, float)
+        if not set(map(type, data)).issubset(allowed):  # one C-level pass: bool, str, list, None refused
+            bad = next(v for v in data if type(v) not in allowed)
+            raise BadRequestError(f"{what}: values must be {kind}, got {_quote(bad)}")
+        arr = np.empty(len(data), dtype=np_dtype)
+        try:  # struct packs straight into the array, ~2x faster than np.array (no dtype discovery)
+            struct.pack_into(f"<{len(data)}{'q' if dtype == 'int64' else 'f'}", arr.data, 0, *data)
+        except (struct.error, OverflowError):
+            raise BadRequestError(f"{what}: a value is outside the {dtype} range") from None
+    else:
+        raise BadRequestError(f"{what}: must be a flat list of {kind}, got {_quote(data)}")
+    if shape is not None and math.prod(shape) != arr.size:
+        raise BadRequestError(f"{what}: {arr.size} values do not fit shape {_quote(shape)}")
+    return arr
+
+
+def _tokens(chunks: list[Any], where: str, vocab_size: int) -> npt.NDArray[np.int64]:
+    """The token ids of a ModelInput's chunks as one array, each id inside the vocabulary."""
+    parts = []
     for j, chunk in enumerate(chunks):
+        what = f"{where}.chunks[{j}]"
         if not isinstance(chunk, types.EncodedTextChunk):
             raise BadRequestError(
-                f"{where}.chunks[{j}]: {type(chunk).__name__} inputs are not supported by this server; "
-                "send text as encoded_text chunks of token ids"
+                f"{what}: {type(chunk).__name__} inputs are not supported by this server; send text as "
+                "encoded_text chunks of token ids (supported chunk types: encoded_text)"
             )
-        arr = _tensor.as_array(chunk.tokens, "int64", what=f"{where}.chunks[{j}].tokens").reshape(-1)
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
-            bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
-            raise BadRequestError(
-                f"{where}.chunks[{j}].tokens: token id {bad} is outside the model's vocabulary "
-                f"[0, {vocab_size})"
-            )
-        n += int(arr.size)
-    return n
+        parts.append(
+            _in_vocab(_array(chunk.tokens, "int64", None, f"{what}.tokens"), f"{what}.tokens", vocab_size)
+        )
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _in_vocab(arr: npt.NDArray[np.int64], what: str, vocab_size: int) -> npt.NDArray[np.int64]:
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
+        bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
+        raise BadRequestError(f"{what}: token id {bad} is outside the model's vocabulary [0, {vocab_size})")
+    return arr
+
+
+# ------------------------------------------------------------------------------------------ requests
 
 
 def check_batch(
-    data: list[types.Datum], loss_fn: str, *, vocab_size: int, max_context: int, where: str = "data"
-) -> None:
-    """Structural checks of a forward/forward_backward batch; BadRequestError naming the first bad field."""
-    required = LOSS_FN_INPUTS.get(loss_fn)
-    if required is None:
-        raise BadRequestError(
-            f"loss_fn: {loss_fn!r} is not supported; use one of {', '.join(LOSS_FN_INPUTS)}"
-        )
+    data: Sequence[types.Datum], loss_fn: str, *, vocab_size: int, max_context: int, where: str = "data"
+) -> Batch:
+    """A forward/forward_backward batch, checked and converted; BadRequestError naming the first bad field."""
+    loss = LOSSES.get(loss_fn)
+    if loss is None:
+        raise BadRequestError(f"loss_fn: {_quote(loss_fn)} is not supported; use one of {', '.join(LOSSES)}")
     if not data:
         raise BadRequestError(f"{where}: the batch is empty; send at least one Datum")
+    fields: dict[str, list[npt.NDArray[Any]]] = {"input_ids": [], **{k: [] for k in loss.inputs}}
     for i, datum in enumerate(data):
         at = f"{where}[{i}]"
-        n = _tokens(datum.model_input.chunks, f"{at}.model_input", vocab_size)
+        ids = _tokens(datum.model_input.chunks, f"{at}.model_input", vocab_size)
+        n = int(ids.size)
         if n == 0:
             raise BadRequestError(f"{at}.model_input: no tokens; every datum needs at least one input token")
         if n > max_context:
             raise BadRequestError(
                 f"{at}.model_input: {n} tokens is longer than the model's context of {max_context}"
             )
-        inputs = datum.loss_fn_inputs
-        missing = [k for k in required if k not in inputs]
-        if missing:
-            raise BadRequestError(
-                f"{at}.loss_fn_inputs: {loss_fn} needs {', '.join(required)}; missing {', '.join(missing)}"
-            )
-        extra = [k for k in inputs if k not in required]
-        if extra:
-            raise BadRequestError(
-                f"{at}.loss_fn_inputs: unexpected key(s) {', '.join(map(repr, extra))}; "
-                f"{loss_fn} takes exactly {', '.join(required)}"
-            )
-        for key, dtype in required.items():
-            tensor = inputs[key]
-            what = f"{at}.loss_fn_inputs.{key}"
-            arr = _tensor.as_array(tensor.data, tensor.dtype, tensor.shape, what=what).reshape(-1)
-            if arr.size != n:
-                raise BadRequestError(
-                    f"{what}: {arr.size} values, but model_input has {n} tokens; per-token inputs are "
-                    "aligned with the input (inputs = sequence[:-1], targets = sequence[1:])"
-                )
-            if dtype == "int64":
-                if tensor.dtype != "int64":
-                    raise BadRequestError(f"{what}: dtype must be int64 (token ids), got {tensor.dtype}")
-                if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
-                    raise BadRequestError(f"{what}: token ids must lie in [0, {vocab_size})")
-            elif arr.size and not np.isfinite(arr.astype(np.float32, copy=False)).all():
-                raise BadRequestError(f"{what}: values must be finite (found NaN or infinity)")
+        fields["input_ids"].append(ids)
+        for key, arr in _loss_inputs(datum.loss_fn_inputs, loss_fn, n, at, vocab_size).items():
+            fields[key].append(arr)
+    return Batch(loss_fn, fields)
 
 
-def check_sample(job: SampleJob, *, vocab_size: int, max_context: int) -> None:
-    """Structural checks of a sampling request; BadRequestError naming the first bad field."""
-    if job.num_samples < 1:
-        raise BadRequestError(f"num_samples: must be at least 1, got {job.num_samples}")
-    n = _tokens(job.prompt.chunks, "prompt", vocab_size)
+def _loss_inputs(
+    inputs: dict[str, types.TensorData], loss_fn: str, n: int, at: str, vocab_size: int
+) -> dict[str, npt.NDArray[Any]]:
+    required = LOSSES[loss_fn].inputs
+    missing = [k for k in required if k not in inputs]
+    if missing:
+        raise BadRequestError(
+            f"{at}.loss_fn_inputs: {loss_fn} needs {', '.join(required)}; missing {', '.join(missing)}"
+        )
+    extra = [k for k in inputs if k not in required]
+    if extra:
+        raise BadRequestError(
+            f"{at}.loss_fn_inputs: unexpected key(s) {_quote(', '.join(map(repr, extra)))}; "
+            f"{loss_fn} takes exactly {', '.join(required)}"
+        )
+    out = {}
+    for key, dtype in required.items():
+        tensor = inputs[key]
+        what = f"{at}.loss_fn_inputs.{key}"
+        if tensor.dtype != dtype:
+            raise BadRequestError(f"{what}: dtype must be {dtype}, got {_quote(tensor.dtype)}")
+        arr = _array(tensor.data, tensor.dtype, tensor.shape, what)
+        if arr.size != n:
+            raise BadRequestError(
+                f"{what}: {arr.size} values, but model_input has {n} tokens; per-token inputs are "
+                "aligned with the input (inputs = sequence[:-1], targets = sequence[1:])"
+            )
+        if dtype == "int64":
+            _in_vocab(arr, what, vocab_size)
+        elif arr.size and not np.isfinite(arr).all():
+            raise BadRequestError(f"{what}: values must be finite (found NaN or infinity)")
+        out[key] = arr
+    return out
+
+
+def check_sample(job: SampleJob, *, vocab_size: int, max_context: int) -> SampleJob:
+    """A sampling request, checked; the same job with ``prompt_ids`` set. BadRequestError naming the field."""
+    if not 1 <= job.num_samples <= MAX_NUM_SAMPLES:
+        raise BadRequestError(
+            f"num_samples: must be in [1, {MAX_NUM_SAMPLES}] per request, got {job.num_samples}; "
+            "send several requests for more"
+        )
+    ids = _tokens(job.prompt.chunks, "prompt", vocab_size)
+    n = int(ids.size)
     if n == 0:
         raise BadRequestError("prompt: no tokens; a prompt needs at least one token")
     params = job.params
@@ -169,18 +294,84 @@ def check_sample(job: SampleJob, *, vocab_size: int, max_context: int) -> None:
             )
     elif n >= max_context:
         raise BadRequestError(f"prompt: {n} tokens leaves no room in the model's context of {max_context}")
+    _check_seed(params.seed, "sampling_params.seed")
     if not math.isfinite(params.temperature) or params.temperature < 0:
         raise BadRequestError(f"sampling_params.temperature: must be >= 0, got {params.temperature}")
     if not 0 < params.top_p <= 1:
         raise BadRequestError(f"sampling_params.top_p: must be in (0, 1], got {params.top_p}")
-    if params.top_k == 0 or params.top_k < -1:
-        raise BadRequestError(f"sampling_params.top_k: must be -1 (no limit) or positive, got {params.top_k}")
-    stop = params.stop
-    if isinstance(stop, list):
-        for k, item in enumerate(stop):
-            if isinstance(item, int) and not 0 <= item < vocab_size:
-                raise BadRequestError(
-                    f"sampling_params.stop[{k}]: token id {item} is outside [0, {vocab_size})"
-                )
-            if isinstance(item, str) and not item:
-                raise BadRequestError(f"sampling_params.stop[{k}]: an empty stop string would stop at once")
+    k = params.top_k
+    if isinstance(k, bool) or not isinstance(k, int) or k == 0 or k < -1:
+        raise BadRequestError(
+            f"sampling_params.top_k: must be -1 (no limit) or a positive integer, got {k!r}"
+        )
+    _check_stop(params.stop, vocab_size)
+    return replace(job, prompt_ids=ids)
+
+
+def _check_stop(stop: Any, vocab_size: int) -> None:
+    if stop is None:
+        return
+    if isinstance(stop, str):
+        if not stop:
+            raise BadRequestError("sampling_params.stop: an empty stop string would stop at once")
+        return
+    if not isinstance(stop, list):
+        raise BadRequestError(
+            "sampling_params.stop: must be a string, a list of strings or a list of token ids"
+        )
+    kinds = set(map(type, stop))
+    if not (kinds <= {str} or kinds <= {int}):
+        raise BadRequestError(
+            "sampling_params.stop: give a list of strings or a list of token ids, not a mix"
+        )
+    for k, item in enumerate(stop):
+        if isinstance(item, int) and not 0 <= item < vocab_size:
+            raise BadRequestError(
+                f"sampling_params.stop[{k}]: token id {_quote(item)} is outside [0, {vocab_size})"
+            )
+        if isinstance(item, str) and not item:
+            raise BadRequestError(f"sampling_params.stop[{k}]: an empty stop string would stop at once")
+
+
+def _check_seed(seed: Any, what: str) -> None:
+    low, high = SEED_RANGE
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed < high):
+        raise BadRequestError(f"{what}: must be an integer in [0, 2**63), got {_quote(seed)}")
+
+
+def check_lora(lora: types.LoraConfig) -> None:
+    """A create_model's lora_config; BadRequestError naming the field."""
+    rank = lora.rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
+        raise BadRequestError(f"lora_config.rank: must be between 1 and {MAX_LORA_RANK}, got {_quote(rank)}")
+    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+        raise BadRequestError(
+            "lora_config: train_attn, train_mlp and train_unembed are all false, so nothing would train; "
+            "set at least one to true"
+        )
+    _check_seed(lora.seed, "lora_config.seed")
+
+
+def check_adam(adam: types.AdamParams | AdamStep) -> AdamStep:
+    """An optim_step's adam_params, checked; BadRequestError naming the parameter."""
+    if isinstance(adam, AdamStep):
+        return adam
+    wd = 0.0 if isinstance(adam.weight_decay, UnsetType) else adam.weight_decay
+    clip = 0.0 if isinstance(adam.grad_clip_norm, UnsetType) else adam.grad_clip_norm
+    lr, b1, b2, eps = adam.learning_rate, adam.beta1, adam.beta2, adam.eps
+    rules: tuple[tuple[str, Any, str, bool], ...] = (
+        ("learning_rate", lr, ">= 0", _num(lr) and lr >= 0),
+        ("beta1", b1, "in [0, 1)", _num(b1) and 0 <= b1 < 1),
+        ("beta2", b2, "in [0, 1)", _num(b2) and 0 <= b2 < 1),
+        ("eps", eps, ">= 0", _num(eps) and eps >= 0),
+        ("weight_decay", wd, ">= 0", _num(wd) and wd >= 0),
+        ("grad_clip_norm", clip, ">= 0 (0: no clipping)", _num(clip) and clip >= 0),
+    )
+    for name, value, rule, ok in rules:
+        if not ok:
+            raise BadRequestError(f"adam_params.{name}: must be a finite number {rule}, got {_quote(value)}")
+    return AdamStep(float(lr), (float(b1), float(b2)), float(eps), float(wd), float(clip))
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -24,7 +24,16 @@ import numpy as np
 
 from .. import types
 from .._errors import BadRequestError, NotFoundError
-from .engine_api import EngineAPI, SampleJob, check_batch, check_sample
+from .engine_api import (
+    AdamStep,
+    Batch,
+    EngineAPI,
+    SampleJob,
+    check_adam,
+    check_batch,
+    check_lora,
+    check_sample,
+)
 from .models import ModelSpec
 
 __all__ = ("NULL_MODEL", "NullEngine")
@@ -81,11 +90,12 @@ class NullEngine:
 
     # -------------------------------------------------------------------------------------------- training
 
-    def validate_batch(self, run_id: str, data: Sequence[types.Datum], loss_fn: str) -> None:
-        check_batch(list(data), loss_fn, vocab_size=_SPEC.vocab_size, max_context=_SPEC.max_context)
+    def validate_batch(self, run_id: str, data: Sequence[types.Datum], loss_fn: str) -> Batch:
+        return check_batch(data, loss_fn, vocab_size=_SPEC.vocab_size, max_context=_SPEC.max_context)
 
     def create_run(self, run_id: str, base_model: str, lora: types.LoraConfig) -> None:
         self.spec(base_model)
+        check_lora(lora)
         with self._lock:
             if run_id in self._runs:
                 raise BadRequestError(f"model {run_id!r} already exists")
@@ -96,11 +106,14 @@ class NullEngine:
             self._run(run_id)
             del self._runs[run_id]
 
-    def forward(self, run_id: str, data: Sequence[types.Datum], loss_fn: str) -> types.ForwardBackwardOutput:
+    def forward(
+        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str
+    ) -> types.ForwardBackwardOutput:
         run = self._run(run_id)
+        batch = data if isinstance(data, Batch) else self.validate_batch(run_id, data, loss_fn)
         outputs = []
-        for datum in data:
-            n = datum.model_input.length
+        for ids in batch.fields["input_ids"]:
+            n = len(ids)
             zeros = np.zeros(n, dtype=np.float32)
             outputs.append(
                 {
@@ -108,22 +121,23 @@ class NullEngine:
                     "elementwise_loss": types.TensorData(data=zeros, dtype="float32", shape=[n]),
                 }
             )
-        metrics = {"loss:mean": 0.0, "num_examples:sum": float(len(data)), "step:max": float(run.steps)}
+        metrics = {"loss:mean": 0.0, "num_examples:sum": float(len(batch)), "step:max": float(run.steps)}
         return types.ForwardBackwardOutput(
-            loss_fn_output_type=loss_fn, loss_fn_outputs=outputs, metrics=metrics
+            loss_fn_output_type=batch.loss_fn, loss_fn_outputs=outputs, metrics=metrics
         )
 
     def forward_backward(
-        self, run_id: str, data: Sequence[types.Datum], loss_fn: str
+        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str
     ) -> types.ForwardBackwardOutput:
         return self.forward(run_id, data, loss_fn)
 
-    def optim_step(self, run_id: str, adam: types.AdamParams) -> types.OptimStepResponse:
+    def optim_step(self, run_id: str, adam: types.AdamParams | AdamStep) -> types.OptimStepResponse:
         run = self._run(run_id)
+        step = check_adam(adam)
         run.steps += 1
         metrics = {
             "step:max": float(run.steps),
-            "learning_rate:mean": adam.learning_rate,
+            "learning_rate:mean": step.learning_rate,
             "recent_loss:mean": 0.0,
         }
         return types.OptimStepResponse(metrics=metrics)
@@ -163,9 +177,9 @@ class NullEngine:
 
     # -------------------------------------------------------------------------------------------- sampling
 
-    def validate_sample(self, job: SampleJob) -> None:
+    def validate_sample(self, job: SampleJob) -> SampleJob:
         self.spec(job.base_model)
-        check_sample(job, vocab_size=_SPEC.vocab_size, max_context=_SPEC.max_context)
+        return check_sample(job, vocab_size=_SPEC.vocab_size, max_context=_SPEC.max_context)
 
     def sample(self, jobs: Sequence[SampleJob]) -> list[types.SampleResponse]:
         out = []

@@ -1,0 +1,172 @@
+"""The checkpoint file format: what a saved folder holds, how it is written, read and checked.
+
+A checkpoint is a folder with ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's layout,
+loadable with ``PeftModel.from_pretrained``), ``engine.json`` (format, base model, LoRA config, steps) and,
+for training checkpoints, ``optimizer.safetensors`` (``<param>.exp_avg`` / ``<param>.exp_avg_sq``; the step
+is in engine.json). Every reader checks the whole folder before the caller changes anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from ... import types
+from ..._errors import BadRequestError
+
+__all__ = (
+    "ADAPTER_FILE",
+    "CHECKPOINT_FORMAT",
+    "ENGINE_FILE",
+    "OPTIMIZER_FILE",
+    "check_layout",
+    "read_checkpoint",
+    "read_meta",
+    "read_optimizer",
+    "write_checkpoint",
+)
+
+CHECKPOINT_FORMAT: Final = "hpcai-async-lora/1"
+ADAPTER_FILE: Final = "adapter_model.safetensors"
+OPTIMIZER_FILE: Final = "optimizer.safetensors"
+ENGINE_FILE: Final = "engine.json"
+PEFT_CONFIG_FILE: Final = "adapter_config.json"
+
+
+def _bad(message: str) -> BadRequestError:
+    return BadRequestError(message, code="invalid_request")
+
+
+def check_layout(what: str, tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """The LoRA layout rule: exactly the expected keys, each with the expected shape."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise _bad(f"{what} do not match the model's LoRA layout ({detail})")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise _bad(f"{what}: {key} has shape {list(tensors[key].shape)}, expected {list(shape)}")
+
+
+def read_meta(directory: Path, base_model: str | None = None) -> dict[str, Any]:
+    """engine.json of a checkpoint folder (for ``base_model``, when given); no tensor is read."""
+    path = directory / ENGINE_FILE
+    if not path.is_file() or not (directory / ADAPTER_FILE).is_file():
+        raise _bad(f"{directory} is not a checkpoint of this server (no {ENGINE_FILE} / {ADAPTER_FILE})")
+    try:
+        meta: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _bad(f"cannot read {path}: {exc}") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise _bad(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    if base_model is not None and meta.get("base_model") != base_model:
+        raise _bad(
+            f"weights at {directory} are for base model {meta.get('base_model')!r}, not {base_model!r}"
+        )
+    return meta
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(engine.json, adapter tensors) of a checkpoint folder."""
+    meta = read_meta(directory)
+    return meta, _load_safetensors(directory / ADAPTER_FILE)
+
+
+def read_optimizer(
+    directory: Path, meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, Any], int]:
+    """(AdamW moments by ``<param>.exp_avg`` / ``.exp_avg_sq``, step) of a training checkpoint, checked
+    against the parameter ``shapes``; empty moments when it was saved before the first optim_step."""
+    opt_meta = meta.get("optimizer")
+    path = directory / OPTIMIZER_FILE
+    if not isinstance(opt_meta, dict) or not path.is_file():
+        raise _bad(
+            "this checkpoint holds no optimizer state (a sampler checkpoint?); load it without "
+            "the optimizer, or save with save_state to keep the optimizer"
+        )
+    tensors = _load_safetensors(path)
+    step = int(opt_meta.get("step") or 0)
+    if tensors:
+        expected = {}
+        for key, shape in shapes.items():
+            expected[f"{key}.exp_avg"] = shape
+            expected[f"{key}.exp_avg_sq"] = shape
+        check_layout("checkpoint optimizer state", tensors, expected)
+        if step < 1:
+            raise _bad("the checkpoint's optimizer state has no step count; it is damaged")
+    return tensors, step
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    try:
+        tensors: dict[str, Any] = load_file(str(path))
+    except Exception as exc:
+        raise _bad(f"cannot read {path.name}: {exc}") from None
+    return tensors
+
+
+def write_checkpoint(
+    out: Path,
+    *,
+    base_model: str,
+    arch: str,
+    lora: types.LoraConfig,
+    targets: tuple[str, ...],
+    steps: int,
+    weights: Mapping[str, Any],
+    optimizer: tuple[Mapping[str, Any], int] | None,
+) -> None:
+    """Write a checkpoint folder: CPU float32 ``weights`` by PEFT key, and (moments, step) when training."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dict(weights), str(out / ADAPTER_FILE), metadata={"format": "pt"})
+    opt_meta: dict[str, Any] | None = None
+    if optimizer is not None:
+        moments, step = optimizer
+        save_file(dict(moments), str(out / OPTIMIZER_FILE), metadata={"format": "pt"})
+        opt_meta = {"type": "adamw", "step": step}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "base_model": base_model,
+        "arch": arch,
+        "lora": {
+            "rank": lora.rank,
+            "alpha": lora.rank,
+            "seed": lora.seed,
+            "train_attn": lora.train_attn,
+            "train_mlp": lora.train_mlp,
+            "train_unembed": lora.train_unembed,
+        },
+        "target_modules": list(targets),
+        "steps": steps,
+        "optimizer": opt_meta,
+    }
+    (out / ENGINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    peft = _peft_config(base_model, lora.rank, targets)
+    (out / PEFT_CONFIG_FILE).write_text(json.dumps(peft, indent=2) + "\n")
+
+
+def _peft_config(base_model: str, rank: int, targets: tuple[str, ...]) -> dict[str, Any]:
+    """adapter_config.json as PEFT writes it, for ``PeftModel.from_pretrained(base, folder)``."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "target_modules": list(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }

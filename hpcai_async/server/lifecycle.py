@@ -1,0 +1,61 @@
+"""How a server starts and stops, and what it holds while it runs (the keys of its aiohttp application).
+
+``build_app`` puts ``lifecycle(...)`` in the application's ``cleanup_ctx``: at startup it opens the store,
+starts the io threads and the scheduler (which builds the engine on its device thread) and publishes the
+``Service`` under ``SERVICE``; at cleanup it lets a running engine call finish and closes all of it in
+reverse. So any aiohttp runner -- ``LocalServer``'s, or ``web.run_app`` -- runs the whole server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from .engine_api import EngineAPI
+from .scheduler import Scheduler
+from .service import Service
+from .store import Store
+
+__all__ = ("API_KEY", "FEATURES_KEY", "SCHEDULER", "SERVICE", "lifecycle")
+
+SERVICE = web.AppKey("service", Service)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+API_KEY = web.AppKey("api_key", str)
+FEATURES_KEY = web.AppKey("features", list)
+
+Lifecycle = Callable[[web.Application], AsyncIterator[None]]
+
+
+def lifecycle(
+    scheduler: Scheduler,
+    engine_factory: Callable[[], EngineAPI],
+    store_path: str | os.PathLike[str] | None,
+    close_engine: bool = True,
+    seq_ids: bool = True,
+) -> Lifecycle:
+    """The ``cleanup_ctx`` entry that runs the server (see the module docstring)."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        store = Store(None if store_path is None else Path(store_path))
+        # blocking store work on the event loop's behalf (flushes, REST routes)
+        io = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="hpcai-server-io")
+        loop = asyncio.get_running_loop()
+
+        async def flush() -> None:
+            await loop.run_in_executor(io, store.flush)
+
+        try:
+            await scheduler.start(engine_factory, on_tick=flush)
+            app[SERVICE] = Service(scheduler, store, io, seq_ids=seq_ids)
+            yield
+        finally:
+            await scheduler.stop(close_engine=close_engine)
+            io.shutdown(wait=True)
+            store.close()
+
+    return run
