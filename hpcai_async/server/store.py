@@ -1,4 +1,4 @@
-"""Runs and checkpoints on disk: atomic writes, the REST listings, checkpoint paths, and tar.gz archives.
+"""Runs and checkpoints on disk: the layout, atomic writes, listings, one server per store, no link out.
 
 Layout of a store folder (everything survives a restart; a new server on the same folder lists it all)::
 
@@ -11,7 +11,7 @@ Layout of a store folder (everything survives a restart; a new server on the sam
 Checkpoint ids and paths follow the hosted service (PROTOCOL.md §5.8): ``save_weights(name)`` makes
 ``{name}_training`` at ``hpcai://{run}/weights/{name}_training``; ``save_weights_for_sampler(name)`` makes
 ``{name}_sampler`` at ``hpcai://{run}/sampler_weights/{name}_sampler``. The SDK's own form
-``hpcai://{run}/training|sampler/{id}`` is accepted too.
+``hpcai://{run}/training|sampler/{id}`` (and ``tinker://``) is accepted too; ``_wire`` parses the paths.
 
 Writes are atomic. A checkpoint is written into a folder under ``tmp/`` (same file system), every file and the
 folder are fsynced, then the folder is renamed into place. Saving under a name that exists replaces the old
@@ -36,14 +36,10 @@ import contextlib
 import datetime as _dt
 import fcntl
 import os
-import re
 import shutil
-import stat
-import tarfile
 import tempfile
 import threading
 import uuid
-import zlib
 from collections.abc import Generator
 from pathlib import Path
 from typing import Literal
@@ -52,6 +48,8 @@ import msgspec
 
 from .. import types
 from .._errors import BadRequestError, NotFoundError
+from .._wire import _NAME_RE, _RUN_ID_RE, checkpoint_path_for, parse_checkpoint_path, shorten
+from .archive import iter_archive
 
 __all__ = (
     "CheckpointMeta",
@@ -60,22 +58,8 @@ __all__ = (
     "Store",
     "checkpoint_id_for",
     "checkpoint_path_for",
-    "parse_checkpoint_path",
     "utcnow",
 )
-
-SCHEME = "hpcai://"
-# URI segment per checkpoint kind, as the hosted service writes them; the SDK's own segments are accepted too.
-_SEGMENTS = {"training": "weights", "sampler": "sampler_weights"}
-_SEGMENT_KIND = {
-    "weights": "training",
-    "training": "training",
-    "sampler_weights": "sampler",
-    "sampler": "sampler",
-}
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-_ARCHIVE_CHUNK = 1 << 20
 
 
 def utcnow() -> _dt.datetime:
@@ -128,10 +112,6 @@ def checkpoint_id_for(name: str, kind: str) -> str:
     return f"{name}_{kind}"
 
 
-def checkpoint_path_for(run_id: str, checkpoint_id: str, kind: str) -> str:
-    return f"{SCHEME}{run_id}/{_SEGMENTS[kind]}/{checkpoint_id}"
-
-
 def check_name(name: str, field: str = "path") -> str:
     """A checkpoint name given by a user, or BadRequestError saying what is allowed."""
     if not _NAME_RE.fullmatch(name) or ".." in name:
@@ -140,25 +120,6 @@ def check_name(name: str, field: str = "path") -> str:
             "(starting with a letter or digit, no '/'), e.g. 'step-100'"
         )
     return name
-
-
-def parse_checkpoint_path(path: str, field: str = "path") -> tuple[str, str | None, str]:
-    """``hpcai://{run}/{segment}/{checkpoint_id}`` -> (run_id, kind, checkpoint_id); 400 if malformed."""
-    example = "hpcai://<run id>/weights/<name>_training or hpcai://<run id>/sampler_weights/<name>_sampler"
-    if not isinstance(path, str) or not path.startswith(SCHEME):
-        raise BadRequestError(f"{field}: {path!r} is not a checkpoint path; expected {example}")
-    parts = path[len(SCHEME) :].split("/", 2)
-    if len(parts) != 3 or not all(parts):
-        raise BadRequestError(f"{field}: {path!r} is malformed; expected {example}")
-    run_id, segment, ckpt = parts
-    if segment not in _SEGMENT_KIND:
-        raise BadRequestError(
-            f"{field}: {path!r} has an unknown kind {segment!r}; expected one of "
-            f"{', '.join(sorted(_SEGMENT_KIND))} ({example})"
-        )
-    if not _RUN_ID_RE.fullmatch(run_id) or not _NAME_RE.fullmatch(ckpt) or ".." in ckpt:
-        raise BadRequestError(f"{field}: {path!r} is malformed; expected {example}")
-    return run_id, _SEGMENT_KIND[segment], ckpt
 
 
 _run_decoder = msgspec.json.Decoder(RunRecord)
@@ -319,7 +280,8 @@ class Store:
     def training_run(self, run: RunRecord) -> types.TrainingRun:
         ckpts = self.list_checkpoints(run.run_id)
         last = {
-            kind: next((c for c in reversed(ckpts) if c.checkpoint_type == kind), None) for kind in _SEGMENTS
+            kind: next((c for c in reversed(ckpts) if c.checkpoint_type == kind), None)
+            for kind in ("training", "sampler")
         }
         return types.TrainingRun(
             training_run_id=run.run_id,
@@ -414,24 +376,24 @@ class Store:
 
     def resolve(self, path: str, field: str = "path") -> CheckpointRef:
         """The checkpoint an ``hpcai://`` path names (either form); 400 if malformed, 404 if unknown."""
-        run_id, kind, ckpt = parse_checkpoint_path(path, field)
+        run_id, kind, ckpt = parse_checkpoint_path(path, field=field, strict=True, error=BadRequestError)
         if self.get_run(run_id) is None:
             raise NotFoundError(
-                f"{field}: {path!r} names training run {run_id!r}, which does not exist on this server"
+                f"{field}: {shorten(path)} names training run {run_id!r}, which does not exist on this server"
             )
         try:
             ref = self.get_checkpoint(run_id, ckpt)
         except NotFoundError:
             # the SDK's form hpcai://run/training/step1 names what the hosted service calls step1_training
-            if kind is None or ckpt.endswith(f"_{kind}"):
+            if ckpt.endswith(f"_{kind}"):
                 raise
             try:
                 ref = self.get_checkpoint(run_id, checkpoint_id_for(ckpt, kind))
             except NotFoundError as exc:
-                raise NotFoundError(f"{field}: {path!r} does not exist: {exc.message}") from None
-        if kind is not None and ref.meta.checkpoint_type != kind:
+                raise NotFoundError(f"{field}: {shorten(path)} does not exist: {exc.message}") from None
+        if ref.meta.checkpoint_type != kind:
             raise NotFoundError(
-                f"{field}: {path!r} names a {kind} checkpoint but {ref.meta.checkpoint_id!r} is a "
+                f"{field}: {shorten(path)} names a {kind} checkpoint but {ref.meta.checkpoint_id!r} is a "
                 f"{ref.meta.checkpoint_type} checkpoint at {ref.meta.checkpoint_path}"
             )
         return ref
@@ -451,45 +413,5 @@ class Store:
     # ----------------------------------------------------------------------------------------------- archives
 
     def iter_archive(self, ref: CheckpointRef, level: int = 6) -> Generator[bytes, None, None]:
-        """The checkpoint folder as a gzip-compressed tar, in chunks (never all of it in memory at once).
-
-        Entries are the checkpoint's files at the top level of the archive (``adapter_model.safetensors``, …).
-        """
-        comp = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip header and trailer
-        files = sorted(
-            Path(dirpath, name)
-            for dirpath, _dirs, names in os.walk(ref.directory)  # does not enter linked folders
-            for name in names
-            if not os.path.islink(os.path.join(dirpath, name))
-        )
-        for file in files:
-            name = file.relative_to(ref.directory).as_posix()
-            try:
-                fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)  # a link put there since: refused
-            except OSError:
-                continue
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                continue
-            info = tarfile.TarInfo(name)
-            info.size = st.st_size
-            info.mtime = int(st.st_mtime)
-            info.mode = 0o644
-            out = comp.compress(info.tobuf(format=tarfile.PAX_FORMAT))
-            written = 0
-            with os.fdopen(fd, "rb") as f:
-                while written < info.size and (block := f.read(min(_ARCHIVE_CHUNK, info.size - written))):
-                    written += len(block)
-                    out += comp.compress(block)
-                    if len(out) >= _ARCHIVE_CHUNK:
-                        yield out
-                        out = b""
-            if written != info.size:
-                raise OSError(
-                    f"{name} of checkpoint {ref.meta.checkpoint_id} changed size while it was archived"
-                )
-            out += comp.compress(b"\0" * (-info.size % tarfile.BLOCKSIZE))
-            if out:
-                yield out
-        yield comp.compress(b"\0" * (2 * tarfile.BLOCKSIZE)) + comp.flush()
+        """The checkpoint folder as a gzip-compressed tar, in chunks (``archive.iter_archive``)."""
+        return iter_archive(ref.directory, ref.meta.checkpoint_id, level)
