@@ -1,4 +1,4 @@
-"""Runs and checkpoints on disk: atomic writes, the REST listings, checkpoint paths, and tar.gz archives.
+"""Runs and checkpoints on disk: the layout, atomic writes, listings, one server per store, no link out.
 
 Layout of a store folder (everything survives a restart; a new server on the same folder lists it all)::
 
@@ -6,31 +6,40 @@ Layout of a store folder (everything survives a restart; a new server on the sam
     runs/{run_id}/checkpoints/{checkpoint_id}/meta.json      kind, time, path, what the files hold
     runs/{run_id}/checkpoints/{checkpoint_id}/...            the engine's files (safetensors + JSON)
     tmp/                                                     work folders; emptied when a store opens
+    lock                                                     held (flock) by the one server using the store
 
 Checkpoint ids and paths follow the hosted service (PROTOCOL.md §5.8): ``save_weights(name)`` makes
 ``{name}_training`` at ``hpcai://{run}/weights/{name}_training``; ``save_weights_for_sampler(name)`` makes
 ``{name}_sampler`` at ``hpcai://{run}/sampler_weights/{name}_sampler``. The SDK's own form
-``hpcai://{run}/training|sampler/{id}`` is accepted too.
+``hpcai://{run}/training|sampler/{id}`` (and ``tinker://``) is accepted too; ``_wire`` parses the paths.
 
 Writes are atomic. A checkpoint is written into a folder under ``tmp/`` (same file system), every file and the
 folder are fsynced, then the folder is renamed into place. Saving under a name that exists replaces the old
 checkpoint, as the hosted service does: the old folder is first renamed away into ``tmp/``, then the new one
 is renamed in. A crash between the two renames leaves no checkpoint of that name (never a half-written or
 mixed one), and whatever is left in ``tmp/`` is deleted the next time the store opens. JSON files are written
-to a temporary name, fsynced and ``os.replace``-d."""
+to a temporary name, fsynced and ``os.replace``-d; a temporary JSON file a crash left behind is deleted when
+the store opens.
+
+One server per store: opening a store takes an exclusive lock on ``lock`` (which holds the server's pid), so a
+second server on the same folder fails at start with an error naming the first, instead of wiping its saves in
+progress. The lock ends with the process, however it ends.
+
+Nothing outside the store is ever read, listed, archived, loaded or deleted through the server: links are
+never followed. A run or checkpoint folder that is a link, or a checkpoint holding a link anywhere inside, is
+not a checkpoint of this store (not listed, 404); archive files are opened with ``O_NOFOLLOW``. Error messages
+name runs and checkpoints, never the store's own path."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import os
-import re
 import shutil
-import tarfile
 import tempfile
 import threading
 import uuid
-import zlib
 from collections.abc import Generator
 from pathlib import Path
 from typing import Literal
@@ -39,6 +48,8 @@ import msgspec
 
 from .. import types
 from .._errors import BadRequestError, NotFoundError
+from .._wire import _NAME_RE, _RUN_ID_RE, checkpoint_path_for, parse_checkpoint_path, shorten
+from .archive import iter_archive
 
 __all__ = (
     "CheckpointMeta",
@@ -47,22 +58,8 @@ __all__ = (
     "Store",
     "checkpoint_id_for",
     "checkpoint_path_for",
-    "parse_checkpoint_path",
     "utcnow",
 )
-
-SCHEME = "hpcai://"
-# URI segment per checkpoint kind, as the hosted service writes them; the SDK's own segments are accepted too.
-_SEGMENTS = {"training": "weights", "sampler": "sampler_weights"}
-_SEGMENT_KIND = {
-    "weights": "training",
-    "training": "training",
-    "sampler_weights": "sampler",
-    "sampler": "sampler",
-}
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-_ARCHIVE_CHUNK = 1 << 20
 
 
 def utcnow() -> _dt.datetime:
@@ -115,10 +112,6 @@ def checkpoint_id_for(name: str, kind: str) -> str:
     return f"{name}_{kind}"
 
 
-def checkpoint_path_for(run_id: str, checkpoint_id: str, kind: str) -> str:
-    return f"{SCHEME}{run_id}/{_SEGMENTS[kind]}/{checkpoint_id}"
-
-
 def check_name(name: str, field: str = "path") -> str:
     """A checkpoint name given by a user, or BadRequestError saying what is allowed."""
     if not _NAME_RE.fullmatch(name) or ".." in name:
@@ -129,28 +122,50 @@ def check_name(name: str, field: str = "path") -> str:
     return name
 
 
-def parse_checkpoint_path(path: str, field: str = "path") -> tuple[str, str | None, str]:
-    """``hpcai://{run}/{segment}/{checkpoint_id}`` -> (run_id, kind, checkpoint_id); 400 if malformed."""
-    example = "hpcai://<run id>/weights/<name>_training or hpcai://<run id>/sampler_weights/<name>_sampler"
-    if not isinstance(path, str) or not path.startswith(SCHEME):
-        raise BadRequestError(f"{field}: {path!r} is not a checkpoint path; expected {example}")
-    parts = path[len(SCHEME) :].split("/", 2)
-    if len(parts) != 3 or not all(parts):
-        raise BadRequestError(f"{field}: {path!r} is malformed; expected {example}")
-    run_id, segment, ckpt = parts
-    if segment not in _SEGMENT_KIND:
-        raise BadRequestError(
-            f"{field}: {path!r} has an unknown kind {segment!r}; expected one of "
-            f"{', '.join(sorted(_SEGMENT_KIND))} ({example})"
-        )
-    if not _RUN_ID_RE.fullmatch(run_id) or not _NAME_RE.fullmatch(ckpt) or ".." in ckpt:
-        raise BadRequestError(f"{field}: {path!r} is malformed; expected {example}")
-    return run_id, _SEGMENT_KIND[segment], ckpt
-
-
 _run_decoder = msgspec.json.Decoder(RunRecord)
 _meta_decoder = msgspec.json.Decoder(CheckpointMeta)
 _encoder = msgspec.json.Encoder()
+
+
+def _lock_store(path: Path) -> int:
+    """Take the store's lock (held until the returned descriptor closes), or say who holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RuntimeError(
+            f"the store {path.parent} is in use by another server (pid {holder}): one server per store; "
+            "stop that server, or start this one with another --store"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _is_real(path: Path) -> bool:
+    """``path`` (under the resolved store root) is reached without following any link."""
+    return path.resolve() == path and not path.is_symlink()
+
+
+def _holds_link(directory: Path) -> str | None:
+    """The first link inside ``directory`` (relative name), or None; links are listed, never followed."""
+    for dirpath, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(dirpath, name)):
+                return os.path.relpath(os.path.join(dirpath, name), directory)
+    return None
+
+
+def _read_file(path: Path) -> bytes:
+    """The bytes of a regular file, refusing a link (``O_NOFOLLOW``: no race between check and open)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -199,6 +214,7 @@ class Store:
         self.runs_dir = self.root / "runs"
         self.tmp_dir = self.root / "tmp"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = _lock_store(self.root / "lock")
         # Leftovers of an interrupted save or delete: never valid checkpoints, so they go.
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -206,16 +222,24 @@ class Store:
         self._runs: dict[str, RunRecord] = {}
         self._dirty: set[str] = set()
         for run_dir in self.runs_dir.iterdir():
+            if not _is_real(run_dir) or not run_dir.is_dir():
+                continue  # a link (it could lead anywhere) or a stray file: not a run
+            for orphan in run_dir.glob(".run.json.*.tmp"):  # a run.json write a crash interrupted
+                orphan.unlink(missing_ok=True)
             try:
-                run = _run_decoder.decode((run_dir / "run.json").read_bytes())
+                run = _run_decoder.decode(_read_file(run_dir / "run.json"))
             except (OSError, msgspec.DecodeError, msgspec.ValidationError):
                 continue  # not a run (or a run.json from an interrupted first write): skip it
-            self._runs[run.run_id] = run
+            if run.run_id == run_dir.name:
+                self._runs[run.run_id] = run
 
     def close(self) -> None:
         self.flush()
         if self._owned:
             shutil.rmtree(self.root, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     # ------------------------------------------------------------------------------------------------ runs
 
@@ -256,7 +280,8 @@ class Store:
     def training_run(self, run: RunRecord) -> types.TrainingRun:
         ckpts = self.list_checkpoints(run.run_id)
         last = {
-            kind: next((c for c in reversed(ckpts) if c.checkpoint_type == kind), None) for kind in _SEGMENTS
+            kind: next((c for c in reversed(ckpts) if c.checkpoint_type == kind), None)
+            for kind in ("training", "sampler")
         }
         return types.TrainingRun(
             training_run_id=run.run_id,
@@ -274,12 +299,13 @@ class Store:
     # -------------------------------------------------------------------------------------------- checkpoints
 
     def _run_dir(self, run_id: str) -> Path:
-        if not _RUN_ID_RE.fullmatch(run_id) or self.get_run(run_id) is None:
+        run_dir = self.runs_dir / run_id
+        if not _RUN_ID_RE.fullmatch(run_id) or self.get_run(run_id) is None or not _is_real(run_dir):
             raise NotFoundError(
-                f"training run {run_id!r} does not exist on this server; list the runs with "
+                f"training run {run_id[:200]!r} does not exist on this server; list the runs with "
                 "GET /api/v1/training_runs"
             )
-        return self.runs_dir / run_id
+        return run_dir
 
     def new_work_dir(self) -> Path:
         """An empty folder under ``tmp/`` for the engine to save into (then ``commit_checkpoint`` it)."""
@@ -314,50 +340,60 @@ class Store:
         except FileNotFoundError:
             return []
         for entry in entries:
-            try:
-                out.append(_meta_decoder.decode((entry / "meta.json").read_bytes()))
-            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-                continue
+            meta = self._read_meta(entry)
+            if meta is not None:
+                out.append(meta)
         out.sort(key=lambda m: (m.time, m.checkpoint_id))
         return [m.to_wire() for m in out]
+
+    @staticmethod
+    def _read_meta(directory: Path) -> CheckpointMeta | None:
+        """The metadata of the checkpoint in ``directory``, or None if it is not one (or holds a link)."""
+        if not _is_real(directory) or _holds_link(directory) is not None:
+            return None
+        try:
+            meta = _meta_decoder.decode(_read_file(directory / "meta.json"))
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        return meta if meta.checkpoint_id == directory.name else None
 
     def get_checkpoint(self, run_id: str, checkpoint_id: str) -> CheckpointRef:
         """The checkpoint ``checkpoint_id`` of ``run_id``, or NotFoundError naming what exists."""
         run_dir = self._run_dir(run_id)
         if _NAME_RE.fullmatch(checkpoint_id) and ".." not in checkpoint_id:
             directory = run_dir / "checkpoints" / checkpoint_id
-            try:
-                meta = _meta_decoder.decode((directory / "meta.json").read_bytes())
-            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-                pass
-            else:
+            meta = self._read_meta(directory)
+            if meta is not None:
                 return CheckpointRef(meta, directory)
+        raise self._no_checkpoint(run_id, checkpoint_id)
+
+    def _no_checkpoint(self, run_id: str, checkpoint_id: str) -> NotFoundError:
         have = [c.checkpoint_id for c in self.list_checkpoints(run_id)]
-        raise NotFoundError(
-            f"checkpoint {checkpoint_id!r} of run {run_id!r} does not exist; "
-            + (f"the run has {', '.join(have)}" if have else "the run has no checkpoints")
+        return NotFoundError(
+            f"checkpoint {checkpoint_id[:200]!r} of run {run_id!r} does not exist; "
+            + (f"the run has {', '.join(have)}"[:400] if have else "the run has no checkpoints")
         )
 
     def resolve(self, path: str, field: str = "path") -> CheckpointRef:
         """The checkpoint an ``hpcai://`` path names (either form); 400 if malformed, 404 if unknown."""
-        run_id, kind, ckpt = parse_checkpoint_path(path, field)
+        run_id, kind, ckpt = parse_checkpoint_path(path, field=field, strict=True, error=BadRequestError)
         if self.get_run(run_id) is None:
             raise NotFoundError(
-                f"{field}: {path!r} names training run {run_id!r}, which does not exist on this server"
+                f"{field}: {shorten(path)} names training run {run_id!r}, which does not exist on this server"
             )
         try:
             ref = self.get_checkpoint(run_id, ckpt)
         except NotFoundError:
             # the SDK's form hpcai://run/training/step1 names what the hosted service calls step1_training
-            if kind is None or ckpt.endswith(f"_{kind}"):
+            if ckpt.endswith(f"_{kind}"):
                 raise
             try:
                 ref = self.get_checkpoint(run_id, checkpoint_id_for(ckpt, kind))
             except NotFoundError as exc:
-                raise NotFoundError(f"{field}: {path!r} does not exist: {exc.message}") from None
-        if kind is not None and ref.meta.checkpoint_type != kind:
+                raise NotFoundError(f"{field}: {shorten(path)} does not exist: {exc.message}") from None
+        if ref.meta.checkpoint_type != kind:
             raise NotFoundError(
-                f"{field}: {path!r} names a {kind} checkpoint but {ref.meta.checkpoint_id!r} is a "
+                f"{field}: {shorten(path)} names a {kind} checkpoint but {ref.meta.checkpoint_id!r} is a "
                 f"{ref.meta.checkpoint_type} checkpoint at {ref.meta.checkpoint_path}"
             )
         return ref
@@ -366,36 +402,16 @@ class Store:
         ref = self.get_checkpoint(run_id, checkpoint_id)
         trash = self.tmp_dir / f"del-{uuid.uuid4().hex}"
         with self._lock:
-            os.rename(ref.directory, trash)  # gone from listings at once; the files go below
-        shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.rename(ref.directory, trash)  # gone from listings at once; the files go below
+            except FileNotFoundError:  # a concurrent delete of the same checkpoint won
+                raise self._no_checkpoint(run_id, checkpoint_id) from None
+        shutil.rmtree(
+            trash, ignore_errors=True
+        )  # never follows links: a link inside is unlinked, not entered
 
     # ----------------------------------------------------------------------------------------------- archives
 
     def iter_archive(self, ref: CheckpointRef, level: int = 6) -> Generator[bytes, None, None]:
-        """The checkpoint folder as a gzip-compressed tar, in chunks (never all of it in memory at once).
-
-        Entries are the checkpoint's files at the top level of the archive (``adapter_model.safetensors``, …).
-        """
-        comp = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip header and trailer
-        files = sorted(p for p in ref.directory.rglob("*") if p.is_file())
-        for file in files:
-            st = file.stat()
-            info = tarfile.TarInfo(file.relative_to(ref.directory).as_posix())
-            info.size = st.st_size
-            info.mtime = int(st.st_mtime)
-            info.mode = 0o644
-            out = comp.compress(info.tobuf(format=tarfile.PAX_FORMAT))
-            written = 0
-            with open(file, "rb") as f:
-                while written < info.size and (block := f.read(min(_ARCHIVE_CHUNK, info.size - written))):
-                    written += len(block)
-                    out += comp.compress(block)
-                    if len(out) >= _ARCHIVE_CHUNK:
-                        yield out
-                        out = b""
-            if written != info.size:
-                raise OSError(f"{file} changed size while it was archived")
-            out += comp.compress(b"\0" * (-info.size % tarfile.BLOCKSIZE))
-            if out:
-                yield out
-        yield comp.compress(b"\0" * (2 * tarfile.BLOCKSIZE)) + comp.flush()
+        """The checkpoint folder as a gzip-compressed tar, in chunks (``archive.iter_archive``)."""
+        return iter_archive(ref.directory, ref.meta.checkpoint_id, level)
