@@ -8,7 +8,8 @@ fails while it runs resolves its future to an error (``Record.error``).
 
 A model's status (``ModelState.status``) moves: ``creating`` -> ``ready`` (its create_model job ran) or
 ``failed``; ``ready`` -> ``unloading`` (its unload_model request's turn came) -> ``unloaded`` (or back to
-``ready`` if unloading failed). Only ``ready`` and ``creating`` models take requests.
+``ready`` if unloading failed). Only ``ready`` and ``creating`` models take requests. What a save is named
+and writes, and which checkpoints a model may load, are ``checkpoints.py``'s rules, which the service applies.
 """
 
 from __future__ import annotations
@@ -25,18 +26,11 @@ import msgspec
 from .. import types
 from .._errors import APIError, BadRequestError, InternalServerError, NotFoundError
 from .._wire import shorten
+from . import checkpoints
 from .engine_api import EngineAPI, SampleJob, check_adam, check_lora
 from .ordering import ReleaseSeqRequest
 from .scheduler import ModelState, Record, Scheduler
-from .store import (
-    CheckpointMeta,
-    RunRecord,
-    Store,
-    check_name,
-    checkpoint_id_for,
-    checkpoint_path_for,
-    utcnow,
-)
+from .store import RunRecord, Store, utcnow
 
 __all__ = ("DEFAULT_LORA_RANK", "Call", "Service")
 
@@ -312,23 +306,8 @@ class Service:
         engine, store = self.engine, self.store
 
         def prepare(req: types.SaveWeightsRequest, model: ModelState) -> Callable[[], Any]:
-            if req.path is msgspec.UNSET or req.path is None:
-                name = f"auto-{utcnow():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-            else:
-                assert isinstance(req.path, str)
-                name = check_name(req.path, "path")
-            ckpt_id = checkpoint_id_for(name, kind)
-            meta = CheckpointMeta(
-                checkpoint_id=ckpt_id,
-                checkpoint_type="training" if kind == "training" else "sampler",
-                time=utcnow(),
-                checkpoint_path=checkpoint_path_for(model.model_id, ckpt_id, kind),
-                run_id=model.model_id,
-                base_model=model.base_model,
-                lora_config=model.lora_config,
-                name=name,
-            )
-            return lambda: _save_checkpoint(engine, store, meta, kind)
+            meta = checkpoints.new_checkpoint(req, model, kind)
+            return lambda: checkpoints.save(engine, store, meta, kind)
 
         return prepare
 
@@ -343,7 +322,7 @@ class Service:
 
         def prepare(req: types.LoadWeightsRequest, model: ModelState) -> Callable[[], Any]:
             ref = store.resolve(req.path, "path")
-            optimizer = _check_loadable(req, ref.meta, model)
+            optimizer = checkpoints.check_loadable(req, ref.meta, model)
             directory, path = ref.directory, req.path
 
             def run() -> types.LoadWeightsResponse:
@@ -422,47 +401,3 @@ class Service:
         """The outcome of a done ``record`` (its result, or its ``ErrorResponse``), marked as handed out."""
         self.scheduler.delivered(record)
         return record.error if record.error is not None else record.result
-
-
-def _check_loadable(req: types.LoadWeightsRequest, meta: CheckpointMeta, model: ModelState) -> bool:
-    """Whether loading ``meta`` into ``model`` loads optimizer state; 400 when the checkpoint does not fit."""
-    if meta.base_model != model.base_model:
-        raise BadRequestError(
-            f"path: {shorten(req.path)} was trained on {meta.base_model!r} but model {model.model_id} uses "
-            f"{model.base_model!r}; create a model on {meta.base_model!r} to load it "
-            "(create_training_client_from_state does this)"
-        )
-    have, want = model.lora_config, meta.lora_config
-    mismatch = [
-        f"{name} {getattr(want, name)} (model has {getattr(have, name)})"
-        for name in ("rank", "train_attn", "train_mlp", "train_unembed")
-        if getattr(want, name) != getattr(have, name)
-    ]
-    if mismatch:
-        raise BadRequestError(
-            f"path: {shorten(req.path)} has a different LoRA layout: {', '.join(mismatch)}; create the "
-            "model with the checkpoint's lora_config to load it"
-        )
-    if req.optimizer is msgspec.UNSET:
-        return meta.checkpoint_type == "training"
-    if req.optimizer and meta.checkpoint_type != "training":
-        raise BadRequestError(
-            f"optimizer: {shorten(req.path)} is a sampler checkpoint and holds no optimizer state; "
-            "load it with optimizer=false, or load a training checkpoint (save_state)"
-        )
-    return bool(req.optimizer)
-
-
-def _save_checkpoint(engine: EngineAPI, store: Store, meta: CheckpointMeta, kind: str) -> Any:
-    """Write the model's weights (and optimizer state for a training checkpoint) as ``meta``, atomically."""
-    work = store.new_work_dir()
-    try:
-        engine.save(meta.run_id, work, optimizer=kind == "training")
-        store.commit_checkpoint(work, msgspec.structs.replace(meta, time=utcnow()))  # the time it was saved
-    except BaseException:
-        store.discard_work_dir(work)
-        raise
-    store.flush()
-    if kind == "training":
-        return types.SaveWeightsResponse(path=meta.checkpoint_path)
-    return types.SaveWeightsForSamplerResponse(path=meta.checkpoint_path)

@@ -1,0 +1,86 @@
+"""The service's checkpoint rules: what a save is named and how it is written, and what a model may load.
+
+A save is named by its request (``path``, checked as one folder name) or automatically, and written into a
+fresh work folder that the store commits atomically or discards; a load must match the model's base model and
+LoRA layout, and loads optimizer state only from a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+
+from .. import types
+from .._errors import BadRequestError
+from .._wire import shorten
+from .engine_api import EngineAPI
+from .scheduler import ModelState
+from .store import CheckpointMeta, Store, check_name, checkpoint_id_for, checkpoint_path_for, utcnow
+
+__all__ = ("check_loadable", "new_checkpoint", "save")
+
+
+def new_checkpoint(req: types.SaveWeightsRequest, model: ModelState, kind: str) -> CheckpointMeta:
+    """The checkpoint a save request of ``kind`` ("training" or "sampler") will write; 400 for a bad name."""
+    if req.path is msgspec.UNSET or req.path is None:
+        name = f"auto-{utcnow():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    else:
+        assert isinstance(req.path, str)
+        name = check_name(req.path, "path")
+    ckpt_id = checkpoint_id_for(name, kind)
+    return CheckpointMeta(
+        checkpoint_id=ckpt_id,
+        checkpoint_type="training" if kind == "training" else "sampler",
+        time=utcnow(),
+        checkpoint_path=checkpoint_path_for(model.model_id, ckpt_id, kind),
+        run_id=model.model_id,
+        base_model=model.base_model,
+        lora_config=model.lora_config,
+        name=name,
+    )
+
+
+def check_loadable(req: types.LoadWeightsRequest, meta: CheckpointMeta, model: ModelState) -> bool:
+    """Whether loading ``meta`` into ``model`` loads optimizer state; 400 when the checkpoint does not fit."""
+    if meta.base_model != model.base_model:
+        raise BadRequestError(
+            f"path: {shorten(req.path)} was trained on {meta.base_model!r} but model {model.model_id} uses "
+            f"{model.base_model!r}; create a model on {meta.base_model!r} to load it "
+            "(create_training_client_from_state does this)"
+        )
+    have, want = model.lora_config, meta.lora_config
+    mismatch = [
+        f"{name} {getattr(want, name)} (model has {getattr(have, name)})"
+        for name in ("rank", "train_attn", "train_mlp", "train_unembed")
+        if getattr(want, name) != getattr(have, name)
+    ]
+    if mismatch:
+        raise BadRequestError(
+            f"path: {shorten(req.path)} has a different LoRA layout: {', '.join(mismatch)}; create the "
+            "model with the checkpoint's lora_config to load it"
+        )
+    if req.optimizer is msgspec.UNSET:
+        return meta.checkpoint_type == "training"
+    if req.optimizer and meta.checkpoint_type != "training":
+        raise BadRequestError(
+            f"optimizer: {shorten(req.path)} is a sampler checkpoint and holds no optimizer state; "
+            "load it with optimizer=false, or load a training checkpoint (save_state)"
+        )
+    return bool(req.optimizer)
+
+
+def save(engine: EngineAPI, store: Store, meta: CheckpointMeta, kind: str) -> Any:
+    """Write the model's weights (and optimizer state for a training checkpoint) as ``meta``, atomically."""
+    work = store.new_work_dir()
+    try:
+        engine.save(meta.run_id, work, optimizer=kind == "training")
+        store.commit_checkpoint(work, msgspec.structs.replace(meta, time=utcnow()))  # the time it was saved
+    except BaseException:
+        store.discard_work_dir(work)
+        raise
+    store.flush()
+    if kind == "training":
+        return types.SaveWeightsResponse(path=meta.checkpoint_path)
+    return types.SaveWeightsForSamplerResponse(path=meta.checkpoint_path)
