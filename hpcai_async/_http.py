@@ -447,7 +447,7 @@ class Transport:
         message, code = _wire.parse_error_body(answer.payload, answer.content_type)
         if _retry.is_retryable(status, answer.headers):
             return _Retryable(f"HTTP {status} ({message})", _retry.retry_after(answer.headers), status)
-        cls: type[APIStatusError] = error_for_status(status)
+        cls: type[APIStatusError] = error_for_status(status, code)
         return cls(f"{request.method} {request.path}: HTTP {status}: {message}", status=status, code=code)
 
     # ----------------------------------------------------------------------------------------- backpressure

@@ -102,7 +102,7 @@ class Poller:
                     continue
                 message, code = _wire.parse_error_body(answer.payload, answer.content_type)
                 if status != 429 and status < 500:
-                    cls: type[APIStatusError] = error_for_status(status)
+                    cls: type[APIStatusError] = error_for_status(status, code)
                     raise cls(
                         f"retrieve_future: HTTP {status}: {message}",
                         status=status,

@@ -195,8 +195,12 @@ class ServiceClient:
         return created.model_id
 
     def create_training_client(self, model_id: str, base_model: str | None = None) -> TrainingClient:
-        """A TrainingClient for an existing run ``model_id`` (no request is sent)."""
-        return TrainingClient(self._transport, model_id, base_model)
+        """A TrainingClient for an existing run ``model_id`` (no request is sent now).
+
+        It continues the run's request sequence where it is (the server's ``next_seq_id``, read before its
+        first request), so it never replays what another client of the run sent.
+        """
+        return TrainingClient(self._transport, model_id, base_model, first_seq_id=None)
 
     @on_client_loop
     async def create_training_client_from_state_async(self, path: str) -> TrainingClient:
