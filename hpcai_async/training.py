@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar
 import msgspec
 
 from ._errors import APIError, BadRequestError, ConfigurationError, NotFoundError
-from ._futures import APIFuture
+from ._futures import APIFuture, QueueStateObserver
 from ._http import Transport
 from ._loop import LoopBinding, blocking, on_client_loop, submit
+from ._retry import RetryConfig
 from ._sequence import Sequencer
 from ._wire import shorten as _shorten
 from .sampling import SamplingClient
@@ -263,7 +264,7 @@ def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
 # --------------------------------------------------------------------------------------------- the client
 
 
-class TrainingClient:
+class TrainingClient(QueueStateObserver):
     """A LoRA training run on the service: forward/backward passes, optimizer steps, checkpoints.
 
     Get one from ``ServiceClient.create_lora_training_client`` (or ``create_training_client_from_state``).
@@ -400,6 +401,7 @@ class TrainingClient:
                 model_id=future.model_id or self.model_id,
                 roundtrip=time.monotonic() - started,
                 inline=future.result,
+                on_queue_state=self._observe_queue_state,
             )
         finally:
             self._seq.finish(n)  # its result is known (or never will be): the window moves on
@@ -574,20 +576,32 @@ class TrainingClient:
     save_weights_for_sampler = submit(save_weights_for_sampler_async)
 
     @on_client_loop
-    async def save_weights_and_get_sampling_client_async(self, name: str) -> SamplingClient:
+    async def save_weights_and_get_sampling_client_async(
+        self, name: str, retry_config: RetryConfig | None = None
+    ) -> SamplingClient:
         """Save sampler weights as ``name``, wait for them, and return a SamplingClient for them."""
         saved = await (await self.save_weights_for_sampler_async(name))
-        return SamplingClient(self._transport, model_path=saved.path, base_model=self.base_model)
+        return self.create_sampling_client(saved.path, retry_config)
 
     save_weights_and_get_sampling_client = blocking(save_weights_and_get_sampling_client_async)
 
-    def create_sampling_client(self, model_path: str) -> SamplingClient:
-        """A SamplingClient for weights saved by this run (``hpcai://...``)."""
-        return SamplingClient(self._transport, model_path=model_path, base_model=self.base_model)
+    def create_sampling_client(
+        self, model_path: str, retry_config: RetryConfig | None = None
+    ) -> SamplingClient:
+        """A SamplingClient for weights saved by this run (``hpcai://...``); ``retry_config``: its retries."""
+        return SamplingClient(
+            self._transport, model_path=model_path, base_model=self.base_model, retry_config=retry_config
+        )
 
-    async def create_sampling_client_async(self, model_path: str) -> SamplingClient:
+    async def create_sampling_client_async(
+        self, model_path: str, retry_config: RetryConfig | None = None
+    ) -> SamplingClient:
         """Same as ``create_sampling_client`` (nothing to wait for)."""
-        return self.create_sampling_client(model_path)
+        return self.create_sampling_client(model_path, retry_config)
+
+    def get_telemetry(self) -> None:
+        """The official SDK's telemetry handle; this client sends no telemetry, so it is always None."""
+        return None
 
     # ----------------------------------------------------------------------------------------- model
 
