@@ -451,7 +451,7 @@ class Transport:
                 self.open_sampling_window(hint)
                 if on_queue_state is not None:
                     on_queue_state("paused_rate_limit")
-                budget.failed(failure, status, 0.0)  # spent from the budget; the window is the wait
+                budget.throttled(failure, status)  # spent from the budget; the window is the wait
                 continue
             await asyncio.sleep(budget.failed(failure, status, hint))
 

@@ -171,6 +171,14 @@ class RetryBudget:
         delay = hint if hint is not None else backoff_delay(self.attempts - 1, p)
         return max(0.0, min(delay, p.timeout - elapsed))
 
+    def throttled(self, failure: str, status: int | None) -> None:
+        """Backpressure (a sampling 429): the wait is spent from the budget, but it neither grows the backoff
+        nor counts against ``max_retries``; raise when the budget is spent."""
+        self.failures += 1
+        self.last_failure, self.last_status = failure, status
+        if not self.policy.enabled or self.elapsed() >= self.policy.timeout:
+            raise self.exceeded()
+
     def remaining(self) -> float:
         return max(0.0, self.policy.timeout - self.elapsed())
 
