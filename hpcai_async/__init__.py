@@ -23,15 +23,18 @@ from ._errors import (
     ConflictError,
     GoneError,
     HpcaiError,
+    IdempotencyConflictError,
     InternalServerError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
     RequestFailedError,
     RetryBudgetExceededError,
+    SequenceConflictError,
     UnprocessableEntityError,
 )
-from ._futures import APIFuture
+from ._futures import APIFuture, QueueState
+from ._retry import RetryConfig
 from ._version import __version__
 from .rest import RestClient
 from .sampling import SamplingClient
@@ -50,14 +53,18 @@ __all__ = (
     "ConflictError",
     "GoneError",
     "HpcaiError",
+    "IdempotencyConflictError",
     "InternalServerError",
     "NotFoundError",
     "PermissionDeniedError",
+    "QueueState",
     "RateLimitError",
     "RequestFailedError",
     "RestClient",
     "RetryBudgetExceededError",
+    "RetryConfig",
     "SamplingClient",
+    "SequenceConflictError",
     "ServiceClient",
     "TrainingClient",
     "UnprocessableEntityError",

@@ -13,6 +13,8 @@
     │       ├── PermissionDeniedError     403
     │       ├── NotFoundError             404     (LookupError)
     │       ├── ConflictError             409
+    │       │   ├── SequenceConflictError         a seq_id of the run was used already (not retried)
+    │       │   └── IdempotencyConflictError      an idempotency key came back with another body (not retried)
     │       ├── GoneError                 410     a future expired or was dropped
     │       ├── UnprocessableEntityError  422     (ValueError)
     │       ├── RateLimitError            429
@@ -20,7 +22,8 @@
 
 Every exception carries plain fields only (``status``, ``code``, ``message``, ``request_id``), so it
 pickles and crosses threads and processes. The local server answers with the same table: an exception's
-``status`` class attribute is its HTTP status, and ``error_for_status`` maps a status back to a class.
+``status`` class attribute is its HTTP status, and ``error_for_status`` maps a status (and the error body's
+``code``, for the typed conflicts) back to a class.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ __all__ = (
     "ConflictError",
     "GoneError",
     "HpcaiError",
+    "IdempotencyConflictError",
     "InternalServerError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
     "RequestFailedError",
     "RetryBudgetExceededError",
+    "SequenceConflictError",
     "UnprocessableEntityError",
     "error_for_status",
 )
@@ -130,6 +135,18 @@ class ConflictError(APIStatusError):
     status = 409
 
 
+class SequenceConflictError(ConflictError):
+    """The run already had a request with this seq_id (another client on the same run, or a replay).
+
+    Retrying cannot help: the server ran the first one. A client attached to a run with
+    ``ServiceClient.create_training_client(model_id)`` continues the run's sequence and never causes this.
+    """
+
+
+class IdempotencyConflictError(ConflictError):
+    """An idempotency key was sent again with a different body; the server keeps the first (not retried)."""
+
+
 class GoneError(APIStatusError):
     status = 410
 
@@ -161,8 +178,16 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
 }
 
 
-def error_for_status(status: int) -> type[APIStatusError]:
-    """The exception class for an HTTP error status (PROTOCOL.md §1.4)."""
+_BY_CODE: dict[tuple[int, str], type[APIStatusError]] = {
+    (409, "sequence_conflict"): SequenceConflictError,
+    (409, "idempotency_conflict"): IdempotencyConflictError,
+}
+
+
+def error_for_status(status: int, code: str | None = None) -> type[APIStatusError]:
+    """The exception class for an HTTP error status (PROTOCOL.md §1.4) and the error body's ``code``."""
+    if code is not None and (cls := _BY_CODE.get((status, code))) is not None:
+        return cls
     if status >= 500:
         return InternalServerError
     return _BY_STATUS.get(status, APIStatusError)

@@ -1,5 +1,7 @@
 """APIFuture: the handle of a submitted request -- awaitable on any loop, ``.result()`` from other threads.
 
+(And ``QueueState``: what the server says about a request that waits, reported to the clients' observer.)
+
 An APIFuture wraps work running on its client's event loop: an ``asyncio`` task there (the coroutine API) or
 the ``concurrent.futures.Future`` of a coroutine handed to that loop from another thread (the blocking API).
 Polling runs in the background from submission on; the future only waits for it.
@@ -17,13 +19,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import enum
+import logging
+import math
 import threading
+import time
 from collections.abc import Generator
 from typing import Any, Generic, TypeVar
 
 from ._errors import APITimeoutError
 
-__all__ = ("APIFuture",)
+__all__ = ("APIFuture", "QueueState", "QueueStateObserver")
+
+_log = logging.getLogger("hpcai_async")
 
 T = TypeVar("T")
 
@@ -187,3 +195,48 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+class QueueState(enum.Enum):
+    """Where a waiting request stands, as a ``try_again`` poll answer says (the official SDK's values)."""
+
+    ACTIVE = "active"
+    PAUSED_RATE_LIMIT = "paused_rate_limit"
+    IN_QUEUE = "in_queue"
+    UNKNOWN = "unknown"
+
+
+_QUEUE_STATES = {state.value: state for state in QueueState} | {"paused_capacity": QueueState.IN_QUEUE}
+_QUEUE_LOG_INTERVAL = 60.0  # s between two log lines of one client, as the official client
+
+
+class QueueStateObserver:
+    """``on_queue_state_change(state)``: called when a client's waiting requests change queue state.
+
+    The clients call it when a poll's ``try_again`` reports another state (our own batching marker is not a
+    state) and when sampling is throttled (429: ``PAUSED_RATE_LIMIT``). The default logs a warning at most
+    once a minute for states other than ``ACTIVE``, as the official client does; override it to react.
+    """
+
+    _queue_state: QueueState = QueueState.ACTIVE
+    _queue_logged_at: float = -math.inf
+
+    def on_queue_state_change(self, queue_state: QueueState) -> None:
+        if queue_state is QueueState.ACTIVE:
+            return
+        now = time.monotonic()
+        if now - self._queue_logged_at < _QUEUE_LOG_INTERVAL:
+            return
+        self._queue_logged_at = now
+        reason = {
+            QueueState.PAUSED_RATE_LIMIT: "concurrent rate limit hit",
+            QueueState.IN_QUEUE: "request is in queue, waiting for available resources",
+        }.get(queue_state, "unknown")
+        _log.warning("%s is paused: %s", type(self).__name__, reason)
+
+    def _observe_queue_state(self, raw: str | QueueState) -> None:
+        state = raw if isinstance(raw, QueueState) else _QUEUE_STATES.get(raw)
+        if state is None or state is self._queue_state:  # not a state (e.g. "batch"), or no change
+            return
+        self._queue_state = state
+        self.on_queue_state_change(state)

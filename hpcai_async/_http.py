@@ -23,7 +23,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 
@@ -122,6 +122,7 @@ class CallOptions(TypedDict, total=False):
     backpressure: bool
     batch: bool
     budget: RetryBudget | None
+    on_queue_state: Callable[[str], None] | None
 
 
 class _Retryable(Exception):
@@ -391,6 +392,7 @@ class Transport:
         backpressure: bool = False,
         batch: bool = False,
         budget: RetryBudget | None = None,
+        on_queue_state: Callable[[str], None] | None = None,
     ) -> Answer:
         """Send a request with retries (from ``budget``, else a fresh one); return the successful answer.
 
@@ -416,10 +418,17 @@ class Transport:
             budget or self.retry.budget(f"{method} {path}"),
             backpressure=backpressure,
             batched=batched,
+            on_queue_state=on_queue_state,
         )
 
     async def retrying(
-        self, request: Request, budget: RetryBudget, *, backpressure: bool = False, batched: bool = False
+        self,
+        request: Request,
+        budget: RetryBudget,
+        *,
+        backpressure: bool = False,
+        batched: bool = False,
+        on_queue_state: Callable[[str], None] | None = None,
     ) -> Answer:
         """Send ``request`` until it succeeds, fails for good, or ``budget`` is spent."""
         while True:
@@ -429,6 +438,8 @@ class Transport:
                 answer = await (self._batcher.send(request) if batched else self.send(request))
                 if answer.status < 300:
                     budget.progress()
+                    if on_queue_state is not None:
+                        on_queue_state("active")
                     return answer
                 raise self.failure(request, answer)
             except _Retryable as exc:
@@ -438,7 +449,10 @@ class Transport:
             if backpressure and status == 429:
                 # sampling backpressure: everyone waits out the window (spent from this request's budget)
                 self.open_sampling_window(hint)
-                hint = max(0.0, self._sample_backoff_until - time.monotonic())
+                if on_queue_state is not None:
+                    on_queue_state("paused_rate_limit")
+                budget.throttled(failure, status)  # spent from the budget; the window is the wait
+                continue
             await asyncio.sleep(budget.failed(failure, status, hint))
 
     def failure(self, request: Request, answer: Answer) -> Exception:
@@ -447,7 +461,7 @@ class Transport:
         message, code = _wire.parse_error_body(answer.payload, answer.content_type)
         if _retry.is_retryable(status, answer.headers):
             return _Retryable(f"HTTP {status} ({message})", _retry.retry_after(answer.headers), status)
-        cls: type[APIStatusError] = error_for_status(status)
+        cls: type[APIStatusError] = error_for_status(status, code)
         return cls(f"{request.method} {request.path}: HTTP {status}: {message}", status=status, code=code)
 
     # ----------------------------------------------------------------------------------------- backpressure
@@ -487,6 +501,7 @@ class Transport:
         roundtrip: float | None = None,
         inline: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET,
         budget: RetryBudget | None = None,
+        on_queue_state: Callable[[str], None] | None = None,
     ) -> T:
         """Long-poll ``retrieve_future`` until the result is there (``_poll``).
 
@@ -514,6 +529,7 @@ class Transport:
             budget or self.retry.budget(f"retrieve_future ({request_type})"),
             request_id=request_id,
             inline=answer,
+            on_queue_state=on_queue_state,
         )
 
 

@@ -82,34 +82,18 @@ class Poller:
                 failure, status = _describe(exc), None
             else:
                 status = answer.status
-                if status == 200:
-                    probe = _decode(answer, _Probe)
-                    if probe.type == "try_again":
+                if status == 200 or status == 408:
+                    probe = _decode(answer, _Probe) if status == 200 else _STILL_QUEUED
+                    if probe.type != "try_again":
                         budget.progress()
-                        if on_queue_state is not None and isinstance(probe.queue_state, str):
-                            on_queue_state(probe.queue_state)
-                        if probe.queue_state != "batch":  # "batch": another poll of its batch was answered
-                            await self._pause(start, sent)
-                        continue
-                    if probe.error is not None:
-                        message = probe.message if isinstance(probe.message, str) else str(probe.error)
-                        raise RequestFailedError(message, code=str(probe.error), request_id=request_id)
+                        return _result(answer, probe, result, request_id)
                     budget.progress()
-                    return _decode(answer, result)
-                if status == 408:  # "still queued" (the official server's long-poll timeout): poll again
-                    budget.progress()
-                    await self._pause(start, sent)
+                    if on_queue_state is not None and isinstance(probe.queue_state, str):
+                        on_queue_state(probe.queue_state)
+                    if probe.queue_state != "batch":  # "batch": another poll of its batch was answered
+                        await self._pause(start, sent)
                     continue
-                message, code = _wire.parse_error_body(answer.payload, answer.content_type)
-                if status != 429 and status < 500:
-                    cls: type[APIStatusError] = error_for_status(status)
-                    raise cls(
-                        f"retrieve_future: HTTP {status}: {message}",
-                        status=status,
-                        code=code,
-                        request_id=request_id,
-                    )
-                failure, hint = f"HTTP {status} ({message})", _retry.retry_after(answer.headers)
+                failure, hint = _failure(answer, request_id)
             try:
                 delay = budget.failed(failure, status, hint)
             except APIError as exc:
@@ -152,6 +136,30 @@ def poll_request(
     if roundtrip is not None:
         headers[_wire.ROUNDTRIP] = f"{roundtrip:.6f}"
     return Request("POST", "retrieve_future", data, headers, read_timeout=read_timeout)
+
+
+# A 408 is "still queued" (the official server's long-poll timeout): poll again, as after a try_again.
+_STILL_QUEUED = _Probe(type="try_again")
+
+
+def _result(answer: Answer, probe: _Probe, result: type[T], request_id: str) -> T:
+    """A finished future's answer: the result, or ``RequestFailedError`` for a job that failed."""
+    if probe.error is not None:
+        message = probe.message if isinstance(probe.message, str) else str(probe.error)
+        raise RequestFailedError(message, code=str(probe.error), request_id=request_id)
+    return _decode(answer, result)
+
+
+def _failure(answer: Answer, request_id: str) -> tuple[str, float | None]:
+    """A retryable error answer (429, 5xx) as (failure, Retry-After); any other status raises its error."""
+    status = answer.status
+    message, code = _wire.parse_error_body(answer.payload, answer.content_type)
+    if status != 429 and status < 500:
+        cls: type[APIStatusError] = error_for_status(status, code)
+        raise cls(
+            f"retrieve_future: HTTP {status}: {message}", status=status, code=code, request_id=request_id
+        )
+    return f"HTTP {status} ({message})", _retry.retry_after(answer.headers)
 
 
 def _decode(answer: Answer, tp: type[T]) -> T:

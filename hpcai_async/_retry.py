@@ -21,6 +21,7 @@ from ._errors import ConfigurationError, RetryBudgetExceededError
 __all__ = (
     "DEFAULT_RETRY_TIMEOUT",
     "RetryBudget",
+    "RetryConfig",
     "RetryPolicy",
     "backoff_delay",
     "is_retryable",
@@ -98,6 +99,43 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
 _DEFAULT = RetryPolicy()
 
 
+@dataclasses.dataclass(frozen=True)
+class RetryConfig:
+    """The official SDK's sampling retry settings (``hpcai.lib.retry_handler.RetryConfig``), same defaults.
+
+    Given as ``retry_config=`` to ``create_sampling_client`` / ``save_weights_and_get_sampling_client``, it
+    governs that SamplingClient: at most ``max_connections`` samples on the wire at once; a sample fails
+    after ``progress_timeout`` seconds without progress (its retry budget); retries wait
+    ``retry_delay_base * 2**n`` up to ``retry_delay_max`` seconds, less up to ``jitter_factor`` of it;
+    ``enable_retry_logic=False`` makes the first failure final. ``retryable_exceptions`` is kept for
+    compatibility: this client retries connection failures and timeouts (what the official default lists)
+    and decides on HTTP answers by status, whatever classes it names.
+    """
+
+    max_connections: int = 100  # the official DEFAULT_CONNECTION_LIMITS.max_connections
+    progress_timeout: float = 30 * 60  # s: the official "very long straggler" bound
+    retry_delay_base: float = 0.5  # s, the official INITIAL_RETRY_DELAY
+    retry_delay_max: float = 10.0  # s, the official MAX_RETRY_DELAY
+    jitter_factor: float = 0.25
+    enable_retry_logic: bool = True
+    retryable_exceptions: tuple[type[Exception], ...] = (TimeoutError, ConnectionError)
+
+    def __post_init__(self) -> None:
+        if self.max_connections <= 0:
+            raise ConfigurationError(f"max_connections must be positive, got {self.max_connections}")
+        self.policy()  # the other fields are checked there
+
+    def policy(self) -> RetryPolicy:
+        """The retry policy these settings describe."""
+        return RetryPolicy(
+            timeout=self.progress_timeout,
+            base=self.retry_delay_base,
+            cap=self.retry_delay_max,
+            jitter=self.jitter_factor,
+            enabled=self.enable_retry_logic,
+        )
+
+
 class RetryBudget:
     """The retry clock of one operation: time since its last progress, attempts, and the last failure seen."""
 
@@ -132,6 +170,14 @@ class RetryBudget:
             raise self.exceeded()
         delay = hint if hint is not None else backoff_delay(self.attempts - 1, p)
         return max(0.0, min(delay, p.timeout - elapsed))
+
+    def throttled(self, failure: str, status: int | None) -> None:
+        """Backpressure (a sampling 429): the wait is spent from the budget, but it neither grows the backoff
+        nor counts against ``max_retries``; raise when the budget is spent."""
+        self.failures += 1
+        self.last_failure, self.last_status = failure, status
+        if not self.policy.enabled or self.elapsed() >= self.policy.timeout:
+            raise self.exceeded()
 
     def remaining(self) -> float:
         return max(0.0, self.policy.timeout - self.elapsed())

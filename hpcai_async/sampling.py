@@ -17,8 +17,10 @@ import msgspec
 
 from . import _wire
 from ._errors import APIError, ConfigurationError, GoneError, NotFoundError
+from ._futures import QueueStateObserver
 from ._http import Transport
 from ._loop import LoopBinding, future, on_client_loop
+from ._retry import RetryConfig
 from .types import ModelInput, SampleRequest, SampleResponse, SamplingParams, UntypedAPIFuture
 
 __all__ = ("SamplingClient",)
@@ -26,15 +28,23 @@ __all__ = ("SamplingClient",)
 _BACKPRESSURE_HEADERS = {_wire.SAMPLING_BACKPRESSURE: "1"}
 
 
-class SamplingClient:
+class SamplingClient(QueueStateObserver):
     """Generates tokens from ``base_model``, or from LoRA weights at ``model_path`` (``hpcai://...``).
 
     Get one from ``ServiceClient.create_sampling_client`` or
-    ``TrainingClient.save_weights_and_get_sampling_client``.
+    ``TrainingClient.save_weights_and_get_sampling_client``. ``retry_config`` (a ``RetryConfig``) sets this
+    client's retry budget, backoff and the most samples it has on the wire at once; without it the
+    ServiceClient's settings apply. ``on_queue_state_change`` is called when its samples are throttled or
+    queued (see ``QueueStateObserver``).
     """
 
     def __init__(
-        self, transport: Transport, *, model_path: str | None = None, base_model: str | None = None
+        self,
+        transport: Transport,
+        *,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        retry_config: RetryConfig | None = None,
     ) -> None:
         if model_path is not None and not _wire.is_checkpoint_path(model_path):
             raise ConfigurationError(
@@ -42,8 +52,12 @@ class SamplingClient:
             )
         if model_path is None and base_model is None:
             raise ConfigurationError("a SamplingClient needs a model_path or a base_model")
+        if retry_config is not None and not isinstance(retry_config, RetryConfig):
+            raise ConfigurationError(f"retry_config must be a RetryConfig, got {type(retry_config).__name__}")
         self._transport = transport
-        self._retry = transport.retry
+        self._retry = retry_config.policy() if retry_config is not None else transport.retry
+        self._slots = asyncio.Semaphore(retry_config.max_connections) if retry_config is not None else None
+        self.retry_config = retry_config
         self.model_path = model_path
         self.base_model = base_model
 
@@ -53,6 +67,10 @@ class SamplingClient:
 
     def __repr__(self) -> str:
         return f"SamplingClient(model_path={self.model_path!r}, base_model={self.base_model!r})"
+
+    def get_telemetry(self) -> None:
+        """The official SDK's telemetry handle; this client sends no telemetry, so it is always None."""
+        return None
 
     @on_client_loop
     async def sample_async(
@@ -73,6 +91,14 @@ class SamplingClient:
             model_path=self.model_path if self.model_path is not None else msgspec.UNSET,
             prompt_logprobs=include_prompt_logprobs,
         )
+        if self._slots is None:
+            return await self._sample(body)
+        async with self._slots:  # retry_config.max_connections samples at once
+            return await self._sample(body)
+
+    sample = future(sample_async)
+
+    async def _sample(self, body: SampleRequest) -> SampleResponse:
         transport = self._transport
         await transport.features()  # the body's encoding depends on them (fetched once per ServiceClient)
         budget = self._retry.budget("asample")  # one budget: submits, polls and re-submits
@@ -88,6 +114,7 @@ class SamplingClient:
                 backpressure=True,
                 batch=True,
                 budget=budget,
+                on_queue_state=self._observe_queue_state,
             )
             try:
                 return await transport.poll(
@@ -97,13 +124,12 @@ class SamplingClient:
                     roundtrip=time.monotonic() - sent,
                     inline=submitted.result,
                     budget=budget,
+                    on_queue_state=self._observe_queue_state,
                 )
             except (GoneError, NotFoundError) as exc:
                 # The server no longer knows a future it accepted (a restart: 404; an expiry: 410). Sampling
                 # has no side effects, so sample again, from this request's budget.
                 await asyncio.sleep(budget.failed(f"retrieve_future: {exc.message}", exc.status))
-
-    sample = future(sample_async)
 
     @on_client_loop
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:

@@ -9,10 +9,11 @@ from collections.abc import Mapping
 from types import TracebackType
 
 from ._errors import APIError, ConfigurationError
+from ._futures import QueueStateObserver
 from ._http import DEFAULT_BASE_URL, REQUEST_READ_TIMEOUT, Transport
 from ._loop import LoopBinding, blocking, on_client_loop
 from ._poll import POLL_READ_TIMEOUT
-from ._retry import DEFAULT_RETRY_TIMEOUT, RetryPolicy
+from ._retry import DEFAULT_RETRY_TIMEOUT, RetryConfig, RetryPolicy
 from .rest import RestClient
 from .sampling import SamplingClient
 from .training import TrainingClient
@@ -27,7 +28,7 @@ from .types import (
 __all__ = ("ServiceClient",)
 
 
-class ServiceClient:
+class ServiceClient(QueueStateObserver):
     """The entry point: creates training, sampling and REST clients that share one keep-alive session.
 
     ``base_url`` and ``api_key`` default to ``HPCAI_BASE_URL`` and ``HPCAI_API_KEY`` (an argument wins over
@@ -191,12 +192,17 @@ class ServiceClient:
             request_type="CreateModel",
             roundtrip=time.monotonic() - started,
             inline=submitted.result,
+            on_queue_state=self._observe_queue_state,
         )
         return created.model_id
 
     def create_training_client(self, model_id: str, base_model: str | None = None) -> TrainingClient:
-        """A TrainingClient for an existing run ``model_id`` (no request is sent)."""
-        return TrainingClient(self._transport, model_id, base_model)
+        """A TrainingClient for an existing run ``model_id`` (no request is sent now).
+
+        It continues the run's request sequence where it is (the server's ``next_seq_id``, read before its
+        first request), so it never replays what another client of the run sent.
+        """
+        return TrainingClient(self._transport, model_id, base_model, first_seq_id=None)
 
     @on_client_loop
     async def create_training_client_from_state_async(self, path: str) -> TrainingClient:
@@ -242,16 +248,31 @@ class ServiceClient:
     # ----------------------------------------------------------------------------------------- others
 
     def create_sampling_client(
-        self, model_path: str | None = None, base_model: str | None = None
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        retry_config: RetryConfig | None = None,
     ) -> SamplingClient:
-        """A SamplingClient for saved weights (``model_path``, ``hpcai://...``) or a ``base_model``."""
-        return SamplingClient(self._transport, model_path=model_path, base_model=base_model)
+        """A SamplingClient for saved weights (``model_path``, ``hpcai://...``) or a ``base_model``.
+
+        ``retry_config`` sets its retries and concurrency (see ``RetryConfig``).
+        """
+        return SamplingClient(
+            self._transport, model_path=model_path, base_model=base_model, retry_config=retry_config
+        )
 
     async def create_sampling_client_async(
-        self, model_path: str | None = None, base_model: str | None = None
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        retry_config: RetryConfig | None = None,
     ) -> SamplingClient:
         """Same as ``create_sampling_client`` (nothing to wait for)."""
-        return self.create_sampling_client(model_path, base_model)
+        return self.create_sampling_client(model_path, base_model, retry_config)
+
+    def get_telemetry(self) -> None:
+        """The official SDK's telemetry handle; this client sends no telemetry, so it is always None."""
+        return None
 
     def create_rest_client(self) -> RestClient:
         """A RestClient for runs and checkpoints, on this client's session."""

@@ -26,10 +26,13 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar
 
 import msgspec
 
-from ._errors import APIError, ConfigurationError
-from ._futures import APIFuture
+from ._errors import APIError, BadRequestError, ConfigurationError, NotFoundError
+from ._futures import APIFuture, QueueStateObserver
 from ._http import Transport
 from ._loop import LoopBinding, blocking, on_client_loop, submit
+from ._retry import RetryConfig
+from ._sequence import Sequencer
+from ._wire import shorten as _shorten
 from .sampling import SamplingClient
 from .types import (
     AdamParams,
@@ -62,6 +65,7 @@ __all__ = (
     "MAX_CHUNK_NUMBER_COUNT",
     "CustomLossFn",
     "TrainingClient",
+    "check_data",
     "chunk_data",
     "combine_metrics",
     "combine_outputs",
@@ -110,6 +114,38 @@ def chunk_data(data: Sequence[Datum], count: Callable[[Datum], int] | None = Non
     if current:
         chunks.append(current)
     return chunks
+
+
+_TOKEN_MAX = 2**63 - 1  # token ids travel as int64 (PROTOCOL.md §5)
+
+
+def check_data(data: Sequence[Datum], where: str = "data") -> None:
+    """The rules the client can check before it reserves a sequence number (the server's, written for it).
+
+    An empty batch is a ``BadRequestError``, as the server answers; a token id that is not a non-negative
+    64-bit integer is a ``ConfigurationError`` naming the datum and chunk (it could not even be encoded).
+    Lists are checked with ``min``/``max`` (C speed); arrays and raw bytes are int64 by construction.
+    """
+    if not data:
+        raise BadRequestError(f"{where}: the batch is empty; send at least one Datum", status=400)
+    for i, datum in enumerate(data):
+        for j, chunk in enumerate(datum.model_input.chunks):
+            tokens = getattr(chunk, "tokens", None)
+            if not isinstance(tokens, list) or not tokens:
+                continue
+            try:
+                low, high = min(tokens), max(tokens)
+                ok = low >= 0 and high <= _TOKEN_MAX
+            except TypeError:
+                ok = False
+            if not ok:
+                bad = next(
+                    (t for t in tokens if not isinstance(t, int) or not 0 <= t <= _TOKEN_MAX), tokens[0]
+                )
+                raise ConfigurationError(
+                    f"{where}[{i}].model_input.chunks[{j}].tokens: token ids are integers in [0, 2**63), got "
+                    f"{_shorten(bad)}; nothing was sent"
+                )
 
 
 def _num_numbers(datum: Datum) -> int:
@@ -228,22 +264,30 @@ def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
 # --------------------------------------------------------------------------------------------- the client
 
 
-class TrainingClient:
+class TrainingClient(QueueStateObserver):
     """A LoRA training run on the service: forward/backward passes, optimizer steps, checkpoints.
 
     Get one from ``ServiceClient.create_lora_training_client`` (or ``create_training_client_from_state``).
     Every operation is a coroutine ``x_async`` and a plain ``x``; training operations return an ``APIFuture``.
     """
 
-    def __init__(self, transport: Transport, model_id: str, base_model: str | None = None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        model_id: str,
+        base_model: str | None = None,
+        *,
+        first_seq_id: int | None = 1,
+    ) -> None:
         self._transport = transport
         self.model_id = model_id
         self.base_model = base_model
         self._index = transport.training_client_index()
-        self._next = 0  # the next sequence number to hand out
-        self._turn = 0  # turn mode: the sequence number whose POST may go now
-        self._ended: set[int] = set()  # turn mode: numbers whose turn ended before it came
-        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._seq = Sequencer()
+        # seq_id of request 0: 1 for a run this client created; None for a run it attached to, whose
+        # sequence goes on from get_info's next_seq_id (read once, before the first request)
+        self._first_seq_id = first_seq_id
+        self._first_seq_task: asyncio.Task[int] | None = None
         self._tokenizer: asyncio.Task[PreTrainedTokenizerBase] | None = None
 
     @property
@@ -255,93 +299,112 @@ class TrainingClient:
 
     # ----------------------------------------------------------------------------------------- ordering
 
-    def _reserve(self, count: int) -> int:
-        """Take ``count`` consecutive sequence numbers (synchronously, so call order is wire order)."""
-        first = self._next
-        self._next += count
-        return first
-
     def _key(self, n: int) -> str:
         return f"{self._transport.session_id}:{self._index}:{n}"
 
-    async def _wait_turn(self, n: int) -> None:
-        while self._turn < n:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters[n] = waiter
-            try:
-                await waiter
-            finally:
-                self._waiters.pop(n, None)
+    async def _first_seq(self) -> int:
+        """The seq_id of request 0: the run's ``next_seq_id`` when attached to an existing run."""
+        if self._first_seq_id is not None:
+            return self._first_seq_id
+        task = self._first_seq_task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._first_seq_task = asyncio.get_running_loop().create_task(self._read_next_seq())
+        first = await asyncio.shield(task)
+        self._first_seq_id = first
+        return first
 
-    def _end_turn(self, n: int) -> None:
-        """Request ``n`` was sent (or will never be): let the next one go."""
-        if n < self._turn:
-            return
-        self._ended.add(n)
-        while self._turn in self._ended:
-            self._ended.discard(self._turn)
-            self._turn += 1
-        waiter = self._waiters.get(self._turn)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    async def _read_next_seq(self) -> int:
+        body = ModelIdRequest(model_id=self.model_id)  # no seq_id: asks where the run's sequence is
+        info = await self._transport.request("POST", "get_info", GetInfoResponse, body=body)
+        return info.next_seq_id if info.next_seq_id is not None else 1
 
     def _abandon(self, first: int, count: int) -> None:
-        """Reserved numbers whose requests will never be sent (a custom loss failed between its passes).
-
-        Turn-taking just skips them. A seq_id server waits for every id in order, so each hole is filled with
-        a ``get_info`` carrying that seq_id: a no-op that takes the turn, and later requests run at once.
-        """
-        if not self._transport.seq_mode:
-            for n in range(first, first + count):
-                self._end_turn(n)
-            return
+        """Reserved numbers whose requests will never be sent: give them back at once (``_release``)."""
         for n in range(first, first + count):
-            filler = self._transport.spawn(
-                self._send(n, "get_info", ModelIdRequest(model_id=self.model_id), GetInfoResponse)
+            self._release(n)
+
+    def _release(self, n: int) -> None:
+        """Number ``n`` will not be sent: the client goes on, and a seq_id server skips it at once.
+
+        The server is told with ``POST release_seq`` (contract of the "seq_id" extension); a server without
+        that route gets a ``get_info`` carrying the seq_id, a no-op that takes its turn.
+        """
+        self._seq.abandon(n)
+        first = self._first_seq_id
+        if not self._transport.seq_mode or first is None or self._transport.closed:
+            return
+        try:
+            filler = self._transport.spawn(self._release_seq(first + n))
+        except RuntimeError:  # no running loop (the client's loop is gone): nothing to tell
+            return
+        filler.add_done_callback(_ignore_outcome)
+
+    async def _release_seq(self, seq_id: int) -> None:
+        try:
+            await self._transport.call(
+                "POST", "release_seq", body={"model_id": self.model_id, "seq_id": seq_id}
             )
-            filler.add_done_callback(_ignore_outcome)
+        except NotFoundError:  # a server from before release_seq: fill the hole with a no-op in its turn
+            body = ModelIdRequest(model_id=self.model_id, seq_id=seq_id)
+            await self._transport.request("POST", "get_info", GetInfoResponse, body=body)
 
     async def _send(self, n: int, path: str, body: _Body, result: type[T]) -> T:
-        """POST request ``n``: with its seq_id at once, or on its turn."""
+        """POST request ``n``: with its seq_id at once (within the window), or on its turn.
+
+        Whatever stops it from being sent -- an error while preparing or encoding it, a final error answer,
+        cancellation -- releases its number at once, so the requests after it never wait for it.
+        """
+        seq_mode = False
         try:
             features = await self._transport.features()
+            if isinstance(body, LoadWeightsRequest) and _OPTIMIZER_FEATURE not in features:
+                body.optimizer = msgspec.UNSET  # the official protocol has no such field
+            headers = self._transport.submit_headers if result is UntypedAPIFuture else None
+            seq_mode = "seq_id" in features
+            if seq_mode:
+                body.seq_id = await self._first_seq() + n
+                await self._seq.wait_window(n)
+            else:
+                await self._seq.wait_turn(n)
+            answer = await self._transport.request(
+                "POST", path, result, body=body, key=self._key(n), headers=headers, batch=seq_mode
+            )
         except BaseException:
-            self._end_turn(n)
+            self._release(n)
             raise
-        if isinstance(body, LoadWeightsRequest) and _OPTIMIZER_FEATURE not in features:
-            body.optimizer = msgspec.UNSET  # the official protocol has no such field
-        headers = self._transport.submit_headers if result is UntypedAPIFuture else None
-        if "seq_id" in features:
-            body.seq_id = n + 1
-            return await self._transport.request(
-                "POST", path, result, body=body, key=self._key(n), headers=headers, batch=True
-            )
-        try:
-            await self._wait_turn(n)
-            return await self._transport.request(
-                "POST", path, result, body=body, key=self._key(n), headers=headers
-            )
-        finally:
-            self._end_turn(n)
+        if not seq_mode:
+            self._seq.end_turn(n)
+        if result is not UntypedAPIFuture:  # the answer is the result (get_info): nothing to poll
+            self._seq.finish(n)
+        return answer
 
     def _start(self, n: int, path: str, body: _Body, result: type[T], request_type: str) -> _Started[T]:
         """Start sending request ``n`` and, once it is acknowledged, polling for its result."""
         submission = self._transport.spawn(self._send(n, path, body, UntypedAPIFuture), name=f"{path} #{n}")
-        outcome = self._transport.spawn(self._outcome(submission, result, request_type, time.monotonic()))
+        outcome = self._transport.spawn(self._outcome(n, submission, result, request_type, time.monotonic()))
         return _Started(submission, outcome)
 
     async def _outcome(
-        self, submission: asyncio.Task[UntypedAPIFuture], result: type[T], request_type: str, started: float
+        self,
+        n: int,
+        submission: asyncio.Task[UntypedAPIFuture],
+        result: type[T],
+        request_type: str,
+        started: float,
     ) -> T:
-        future = await asyncio.shield(submission)  # cancelling the result never cancels the submission
-        return await self._transport.poll(
-            future.request_id,
-            result,
-            request_type=request_type,
-            model_id=future.model_id or self.model_id,
-            roundtrip=time.monotonic() - started,
-            inline=future.result,
-        )
+        try:
+            future = await asyncio.shield(submission)  # cancelling the result never cancels the submission
+            return await self._transport.poll(
+                future.request_id,
+                result,
+                request_type=request_type,
+                model_id=future.model_id or self.model_id,
+                roundtrip=time.monotonic() - started,
+                inline=future.result,
+                on_queue_state=self._observe_queue_state,
+            )
+        finally:
+            self._seq.finish(n)  # its result is known (or never will be): the window moves on
 
     async def _submitted(self, started: Sequence[_Started[Any]]) -> None:
         """Turn mode: wait until these POSTs were answered. seq_id mode: they are on their way already."""
@@ -349,7 +412,7 @@ class TrainingClient:
             await asyncio.wait([s.submission for s in started])
 
     async def _op(self, path: str, body: _Body, result: type[T], request_type: str) -> APIFuture[T]:
-        started = self._start(self._reserve(1), path, body, result, request_type)
+        started = self._start(self._seq.reserve(1), path, body, result, request_type)
         await self._submitted([started])
         return APIFuture(asyncio.get_running_loop(), started.outcome)
 
@@ -379,8 +442,9 @@ class TrainingClient:
     async def _chunked(
         self, path: Literal["forward", "forward_backward"], data: Sequence[Datum], loss_fn: LossFnType
     ) -> APIFuture[ForwardBackwardOutput]:
+        check_data(data)
         chunks = chunk_data(data)
-        started = self._start_chunks(self._reserve(len(chunks)), path, chunks, loss_fn)
+        started = self._start_chunks(self._seq.reserve(len(chunks)), path, chunks, loss_fn)
         combined = self._transport.spawn(self._combined(started))
         await self._submitted(started)
         return APIFuture(asyncio.get_running_loop(), combined)
@@ -426,8 +490,9 @@ class TrainingClient:
         are taken at call time, so nothing called later can run between them.
         """
         data = list(data)
+        check_data(data)
         chunks = chunk_data(data, _custom_count)
-        first = self._reserve(2 * len(chunks))
+        first = self._seq.reserve(2 * len(chunks))
         forward = self._start_chunks(first, "forward", chunks, "cross_entropy")
         forward_result = self._transport.spawn(self._combined(forward))
         result = self._transport.spawn(
@@ -511,27 +576,39 @@ class TrainingClient:
     save_weights_for_sampler = submit(save_weights_for_sampler_async)
 
     @on_client_loop
-    async def save_weights_and_get_sampling_client_async(self, name: str) -> SamplingClient:
+    async def save_weights_and_get_sampling_client_async(
+        self, name: str, retry_config: RetryConfig | None = None
+    ) -> SamplingClient:
         """Save sampler weights as ``name``, wait for them, and return a SamplingClient for them."""
         saved = await (await self.save_weights_for_sampler_async(name))
-        return SamplingClient(self._transport, model_path=saved.path, base_model=self.base_model)
+        return self.create_sampling_client(saved.path, retry_config)
 
     save_weights_and_get_sampling_client = blocking(save_weights_and_get_sampling_client_async)
 
-    def create_sampling_client(self, model_path: str) -> SamplingClient:
-        """A SamplingClient for weights saved by this run (``hpcai://...``)."""
-        return SamplingClient(self._transport, model_path=model_path, base_model=self.base_model)
+    def create_sampling_client(
+        self, model_path: str, retry_config: RetryConfig | None = None
+    ) -> SamplingClient:
+        """A SamplingClient for weights saved by this run (``hpcai://...``); ``retry_config``: its retries."""
+        return SamplingClient(
+            self._transport, model_path=model_path, base_model=self.base_model, retry_config=retry_config
+        )
 
-    async def create_sampling_client_async(self, model_path: str) -> SamplingClient:
+    async def create_sampling_client_async(
+        self, model_path: str, retry_config: RetryConfig | None = None
+    ) -> SamplingClient:
         """Same as ``create_sampling_client`` (nothing to wait for)."""
-        return self.create_sampling_client(model_path)
+        return self.create_sampling_client(model_path, retry_config)
+
+    def get_telemetry(self) -> None:
+        """The official SDK's telemetry handle; this client sends no telemetry, so it is always None."""
+        return None
 
     # ----------------------------------------------------------------------------------------- model
 
     @on_client_loop
     async def get_info_async(self) -> GetInfoResponse:
         """The run's model: id, base model name, LoRA rank (in order with the training requests)."""
-        n = self._reserve(1)
+        n = self._seq.reserve(1)
         return await self._send(n, "get_info", ModelIdRequest(model_id=self.model_id), GetInfoResponse)
 
     get_info = blocking(get_info_async)

@@ -13,7 +13,11 @@ Faults (each matches a path substring and an optional method, and fires ``times`
 * ``status``   -- answer ``status`` with ``headers`` and ``body`` (``after=True``: forward, then answer so);
 * ``reset``    -- drop the connection without an answer (``after=True``: after the server handled it);
 * ``delay``    -- wait ``delay`` seconds, then forward;
-* ``truncate`` -- forward, then send the answer's head and only half its body and drop the connection.
+* ``truncate`` -- forward, then send the answer's head and only half its body and drop the connection;
+* ``stall``    -- forward, then send the answer's head and half its body and send nothing more (the client's
+  read timeout must end it; the connection is dropped after ``delay`` seconds, 30 by default);
+* ``cut``      -- forward only the first half of the request to the server, then drop both connections
+  (a reset in the middle of the request: the server never sees a whole request).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from urllib.parse import urlsplit
 
 __all__ = ("Fault", "FaultProxy", "Recorded")
 
-FaultKind = Literal["status", "reset", "delay", "truncate"]
+FaultKind = Literal["status", "reset", "delay", "truncate", "stall", "cut"]
 
 
 @dataclass
@@ -184,6 +188,13 @@ class FaultProxy:
                     continue
                 if upstream is None:
                     upstream = await asyncio.open_connection(self._host, self._port)
+                if fault is not None and fault.kind == "cut":
+                    upstream[1].write(raw[: len(raw) // 2])
+                    await upstream[1].drain()
+                    upstream[1].transport.abort()
+                    upstream = None
+                    writer.transport.abort()
+                    return
                 upstream[1].write(raw)
                 await upstream[1].drain()
                 head, body, keep_alive = await _read_response(upstream[0], req.method)
@@ -194,9 +205,11 @@ class FaultProxy:
                     if not await _answer_instead(writer, fault):
                         return
                     continue
-                if fault is not None and fault.kind == "truncate":
+                if fault is not None and fault.kind in ("truncate", "stall"):
                     writer.write(head + body[: len(body) // 2])
                     await writer.drain()
+                    if fault.kind == "stall":
+                        await asyncio.sleep(fault.delay or 30.0)
                     writer.transport.abort()
                     return
                 writer.write(head + body)

@@ -5,8 +5,10 @@ The wire is observed through the recording proxy in front of a real local server
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 
 import msgspec
 import pytest
@@ -185,3 +187,98 @@ def test_extensions_are_used_only_when_advertised(null_server: HasURL) -> None:
                 assert req.headers["content-type"] == "application/json"
     assert [b["seq_id"] for b in bodies] == [1, 2, 3]
     assert len(proxy.find("get_server_capabilities")) == 1  # fetched once per ServiceClient
+
+
+# ----------------------------------------------------------------------------------------- official keywords
+
+
+def test_the_official_constructor_keywords_are_accepted(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+        options = {
+            "base_url": proxy.url,
+            "timeout": 7.0,
+            "max_retries": 3,
+            "_strict_response_validation": False,
+        }
+        with client(null_server, default_query={"tenant": "t1"}, **options) as service:
+            assert service._transport.request_timeout == 7.0
+            assert service._transport.retry.max_retries == 3
+            assert service.get_telemetry() is None
+            service.get_server_capabilities()
+        assert all("tenant=t1" in r.path for r in proxy.requests)
+    with pytest.raises(ConfigurationError, match="http_client"):
+        ServiceClient(api_key="k", http_client=object())
+
+
+def test_max_retries_caps_the_attempts_of_a_request(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url, max_retries=2) as service:
+                await service.get_server_capabilities_async()
+                proxy.inject("create_model", "status", status=503, headers={"retry-after-ms": "10"}, times=50)
+                with pytest.raises(hpcai_async.RetryBudgetExceededError, match="max_retries 2"):
+                    await service.create_lora_training_client_async(NULL_MODEL)
+
+        run(main)
+    assert len(proxy.find("create_model")) == 3  # the first attempt and two retries
+
+
+def test_retry_config_governs_its_sampling_client(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+        prompt, params = types.ModelInput.from_ints([1, 2]), types.SamplingParams(max_tokens=1)
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                await service.get_server_capabilities_async()
+                # no retries at all: the first 503 is final
+                once = service.create_sampling_client(
+                    base_model=NULL_MODEL, retry_config=hpcai_async.RetryConfig(enable_retry_logic=False)
+                )
+                proxy.inject("asample", "status", status=503, times=1)
+                with pytest.raises(hpcai_async.RetryBudgetExceededError, match="retries disabled"):
+                    await once.sample_async(prompt, 1, params)
+                # at most max_connections samples on the wire at once
+                narrow = service.create_sampling_client(
+                    base_model=NULL_MODEL, retry_config=hpcai_async.RetryConfig(max_connections=2)
+                )
+                assert narrow.get_telemetry() is None
+                proxy.inject("asample", "delay", delay=0.15, times=6)
+                started = time.monotonic()
+                await asyncio.gather(*(narrow.sample_async(prompt, 1, params) for _ in range(6)))
+                assert time.monotonic() - started >= 0.44  # three waves of two, not one of six
+
+        run(main)
+
+
+def test_retry_config_progress_timeout_is_the_sampling_budget(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                await service.get_server_capabilities_async()
+                config = hpcai_async.RetryConfig(progress_timeout=0.4, retry_delay_base=0.01)
+                sampler = service.create_sampling_client(base_model=NULL_MODEL, retry_config=config)
+                proxy.inject("asample", "status", status=500, times=1000)
+                started = time.monotonic()
+                with pytest.raises(hpcai_async.RetryBudgetExceededError, match=r"retry budget 0\.4 s"):
+                    await sampler.sample_async(types.ModelInput.from_ints([1]), 1, types.SamplingParams())
+                assert time.monotonic() - started < 2
+
+        run(main)
+
+
+def test_queue_state_changes_reach_the_observer(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+        seen: list[hpcai_async.QueueState] = []
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                await service.get_server_capabilities_async()
+                sampler = service.create_sampling_client(base_model=NULL_MODEL)
+                sampler.on_queue_state_change = seen.append  # type: ignore[method-assign]
+                proxy.inject("asample", "status", status=429, headers={"retry-after-ms": "20"})
+                await sampler.sample_async(types.ModelInput.from_ints([1]), 1, types.SamplingParams())
+
+        run(main)
+    assert seen == [hpcai_async.QueueState.PAUSED_RATE_LIMIT, hpcai_async.QueueState.ACTIVE]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from typing import Any
 
 import pytest
 from client_fixtures import HasURL, client, run, small_batch, without_inline_results
@@ -17,8 +18,11 @@ from hpcai_async import (
     BadRequestError,
     GoneError,
     InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
     RequestFailedError,
     RetryBudgetExceededError,
+    ServiceClient,
     types,
 )
 
@@ -317,3 +321,153 @@ def test_instant_results_come_inline_without_a_retrieve_future(null_server: HasU
     assert len(submits) == 3
     assert all(r.headers["x-hpcai-async-inline-wait"] for r in submits)
     assert proxy.find("retrieve_future") == []
+
+
+def test_a_sampler_throttled_forever_fails_when_its_budget_is_spent(null_server: HasURL) -> None:
+    """Before: every 429 on a sample restarted its retry clock, so it retried forever."""
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url, retry_timeout=0.6) as service:
+                sampler = service.create_sampling_client(base_model=NULL_MODEL)
+                await service.get_server_capabilities_async()
+                proxy.inject("asample", "status", status=429, headers=FAST, times=10_000)
+                started = time.monotonic()
+                with pytest.raises(RetryBudgetExceededError) as info:
+                    await sampler.sample_async(types.ModelInput.from_ints([1]), 1, types.SamplingParams())
+                assert time.monotonic() - started < 3
+                text = str(info.value)
+                assert "asample" in text and "last status 429" in text and " s without progress" in text
+                assert info.value.status == 429
+
+        run(main, timeout=20)
+
+
+def test_a_sample_whose_future_the_server_forgot_is_sampled_again(null_server: HasURL) -> None:
+    """After a server restart the future's id is unknown (404): sampling has no side effects, so re-submit."""
+    with FaultProxy(null_server.url) as proxy:
+        without_inline_results(proxy)
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                sampler = service.create_sampling_client(base_model=NULL_MODEL)
+                body = (
+                    b'{"error": "NotFoundError", "message": "no future with this id (the server restarted?)"}'
+                )
+                proxy.inject("retrieve_future", "status", status=404, body=body, times=2)
+                out = await sampler.sample_async(
+                    types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams()
+                )
+                assert len(out.sequences) == 1
+
+        run(main)
+    assert len(proxy.find("asample")) == 3  # the first two futures were lost; each time sampled again
+
+
+def test_a_training_future_the_server_forgot_is_not_resubmitted(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+        without_inline_results(proxy)
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL)
+                proxy.inject("retrieve_future", "status", status=404, times=1)
+                with pytest.raises(NotFoundError):
+                    await (await tc.optim_step_async(types.AdamParams(learning_rate=1e-3)))
+
+        run(main)
+    assert len(proxy.find("optim_step")) == 1  # never applied twice
+
+
+def test_read_timeouts_are_configurable_and_the_final_error_says_what_happened(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            options = {"base_url": proxy.url, "timeout": 0.3, "retry_timeout": 0.8}
+            async with client(null_server, **options) as service:
+                await service.get_server_capabilities_async()
+                proxy.inject("create_model", "stall", delay=5.0, times=10)
+                started = time.monotonic()
+                with pytest.raises(RetryBudgetExceededError) as info:
+                    await service.create_lora_training_client_async(NULL_MODEL)
+                took = time.monotonic() - started
+                assert 0.8 <= took < 3.0  # a few 0.3 s reads, not the 60 s default
+                assert "POST create_model" in str(info.value) and "Timeout" in str(info.value)
+
+        run(main, timeout=20)
+
+
+def test_the_poll_timeout_is_configurable(null_server: HasURL) -> None:
+    with FaultProxy(null_server.url) as proxy:
+        without_inline_results(proxy)
+
+        async def main() -> None:
+            options = {"base_url": proxy.url, "poll_timeout": 0.3, "retry_timeout": 0.8}
+            async with client(null_server, **options) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL)
+                proxy.inject("retrieve_future", "stall", delay=5.0, times=100)
+                fut = await tc.optim_step_async(types.AdamParams(learning_rate=1e-3))
+                started = time.monotonic()
+                with pytest.raises(RetryBudgetExceededError, match="retrieve_future"):
+                    await fut
+                assert time.monotonic() - started < 3.0
+
+        run(main, timeout=20)
+
+
+# ----------------------------------------------------------------------------------------- redirects
+
+
+async def _redirector(target: str) -> tuple[Any, str, list[dict[str, str]]]:
+    """A loopback server answering every request with a 307 to ``target`` (+ the path); what it received."""
+    from aiohttp import web
+
+    seen: list[dict[str, str]] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        if target == "self" and request.path.startswith("/moved"):
+            return web.json_response({"supported_models": [{"model_name": NULL_MODEL}], "features": []})
+        where = f"/moved{request.path_qs}" if target == "self" else f"{target}{request.path_qs}"
+        raise web.HTTPTemporaryRedirect(where)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}", seen
+
+
+def test_credentials_never_follow_a_redirect_to_another_origin() -> None:
+    async def main() -> None:
+        other, other_url, other_seen = await _redirector("self")  # another port: another origin
+        front, front_url, front_seen = await _redirector(other_url)
+        try:
+            async with ServiceClient(base_url=front_url, api_key="secret-key") as service:
+                with pytest.raises(PermissionDeniedError, match="another origin") as info:
+                    await service.get_server_capabilities_async()
+                assert "not followed" in str(info.value)
+            assert other_seen == []  # nothing, so no key, reached the other origin
+            assert front_seen[0].get("X-API-Key") == "secret-key"
+        finally:
+            await front.cleanup()
+            await other.cleanup()
+
+    run(main)
+
+
+def test_a_redirect_within_the_origin_is_followed_with_the_key() -> None:
+    async def main() -> None:
+        runner, url, seen = await _redirector("self")
+        try:
+            async with ServiceClient(base_url=url, api_key="secret-key") as service:
+                caps = await service.get_server_capabilities_async()
+                assert [m.model_name for m in caps.supported_models] == [NULL_MODEL]
+            assert [h.get("X-API-Key") for h in seen] == ["secret-key", "secret-key"]
+        finally:
+            await runner.cleanup()
+
+    run(main)
