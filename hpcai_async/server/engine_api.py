@@ -45,6 +45,7 @@ __all__ = (
     "check_adam",
     "check_batch",
     "check_lora",
+    "check_lora_match",
     "check_sample",
     "non_finite",
 )
@@ -350,6 +351,20 @@ def check_lora(lora: types.LoraConfig) -> None:
             "set at least one to true"
         )
     _check_seed(lora.seed, "lora_config.seed")
+
+
+def check_lora_match(have: types.LoraConfig, want: types.LoraConfig, what: str) -> None:
+    """A checkpoint (LoRA ``want``) fits a model (LoRA ``have``): same rank and trained modules."""
+    mismatch = [
+        f"{name} {getattr(want, name)} (model has {getattr(have, name)})"
+        for name in ("rank", "train_attn", "train_mlp", "train_unembed")
+        if getattr(want, name) != getattr(have, name)
+    ]
+    if mismatch:
+        raise BadRequestError(
+            f"{what} has a different LoRA layout: {', '.join(mismatch)}; create the model with the "
+            "checkpoint's lora_config to load it"
+        )
 
 
 def check_adam(adam: types.AdamParams | AdamStep) -> AdamStep:
