@@ -37,7 +37,7 @@ from .._errors import (
     NotFoundError,
     error_for_status,
 )
-from .engine_api import MAX_LORA_RANK, EngineAPI, SampleJob, check_adam, check_lora
+from .engine_api import MAX_LORA_RANK, EngineAPI, SampleJob, check_adam, check_lora, check_lora_match
 from .scheduler import ModelState, Record, Scheduler
 from .store import (
     CheckpointMeta,
@@ -607,17 +607,7 @@ class Routes:
                     f"{model.base_model!r}; create a model on {meta.base_model!r} to load it "
                     "(create_training_client_from_state does this)"
                 )
-            have, want = model.lora_config, meta.lora_config
-            mismatch = [
-                f"{name} {getattr(want, name)} (model has {getattr(have, name)})"
-                for name in ("rank", "train_attn", "train_mlp", "train_unembed")
-                if getattr(want, name) != getattr(have, name)
-            ]
-            if mismatch:
-                raise BadRequestError(
-                    f"path: {req.path!r} has a different LoRA layout: {', '.join(mismatch)}; create the "
-                    "model with the checkpoint's lora_config to load it"
-                )
+            check_lora_match(model.lora_config, meta.lora_config, f"path: {req.path!r}")
             if req.optimizer is msgspec.UNSET:
                 optimizer = meta.checkpoint_type == "training"
             else:
