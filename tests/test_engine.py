@@ -476,6 +476,34 @@ def test_load_checks_everything_before_applying(engine: Engine, run: str, tok: A
             engine.unload(r)
 
 
+def test_a_checkpoint_holding_nan_or_inf_is_refused(
+    engine: Engine, run: str, tok: Any, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    train(engine, run, batch(tok), 1)
+    engine.save(run, tmp_path)
+    engine.forward_backward(run, batch(tok), "cross_entropy")
+    before, g = snapshot(engine, run), grads(engine, run)
+    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+        path = tmp_path / name
+        good = path.read_bytes()
+        tensors = load_file(str(path))
+        first = next(iter(tensors))
+        tensors[first] = tensors[first].clone()
+        tensors[first].view(-1)[0] = float("inf") if name.startswith("adapter") else float("nan")
+        save_file(tensors, str(path))
+        with pytest.raises(BadRequestError, match="NaN or infinite values"):
+            engine.load(run, tmp_path, optimizer=True)
+        if name.startswith("adapter"):
+            with pytest.raises(BadRequestError, match="NaN or infinite values"):
+                engine.sample([job(tok.encode("The cat"), adapter_dir=tmp_path, max_tokens=2)])
+        path.write_bytes(good)
+    after, g2 = snapshot(engine, run), grads(engine, run)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(g[k], g2[k]) for k in g)
+
+
 def test_runs_on_one_base_do_not_affect_each_other(engine: Engine, tok: Any) -> None:
     data = batch(tok)
     a, b, solo = new_run(engine), new_run(engine), new_run(engine)

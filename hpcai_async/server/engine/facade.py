@@ -246,6 +246,7 @@ class Engine:
             meta, weights = checkpoint.read_checkpoint(directory)
             self._check_compatible(run, meta)
             checkpoint.check_layout("checkpoint weights", weights, run.shapes)
+            checkpoint.check_finite("checkpoint weights", weights)
             moments: dict[str, Any] = {}
             opt_step = 0
             if optimizer:
