@@ -316,6 +316,33 @@ def test_gradients_match_direct_autograd(
         assert out.metrics["loss:mean"] == pytest.approx(float(total.detach()) / n_tokens, rel=1e-4)
 
 
+def test_a_new_loss_is_one_registered_function(engine: Engine, run: str, tok: Any, plain: Any) -> None:
+    from hpcai_async.server.engine import losses
+
+    @losses.loss("test_squared_logprob", scale="float32")
+    def squared(lp: Any, batch: Any) -> tuple[Any, float]:
+        return batch["scale"] * lp**2 * batch["mask"].to(lp.dtype), float(batch["mask"].sum())
+
+    ids = tok.encode(TEXTS[0])
+    scale = np.linspace(0.5, 1.5, len(ids) - 1).astype(np.float32)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]),
+        loss_fn_inputs={"target_tokens": np.asarray(ids[1:], dtype=np.int64), "scale": scale},
+    )
+    try:
+        with pytest.raises(BadRequestError, match="needs target_tokens, scale; missing scale"):
+            engine.forward(run, [ce_datum(ids)], "test_squared_logprob")
+        out = engine.forward(run, [datum], "test_squared_logprob")
+    finally:
+        del losses.LOSSES["test_squared_logprob"]
+    with torch.no_grad():
+        want = torch.from_numpy(scale) * direct_logprobs(plain, ids) ** 2  # a fresh run = the base model
+    np.testing.assert_allclose(out.loss_fn_outputs[0]["elementwise_loss"].to_numpy(), want.numpy(), rtol=1e-5)
+    assert out.metrics["loss:mean"] == pytest.approx(float(want.mean()), rel=1e-5)
+    with pytest.raises(BadRequestError, match="use one of cross_entropy, importance_sampling, ppo"):
+        engine.forward(run, [datum], "test_squared_logprob")
+
+
 def test_gradients_accumulate_over_calls(engine: Engine, run: str, tok: Any) -> None:
     train(engine, run, batch(tok), 1)
     data = batch(tok)

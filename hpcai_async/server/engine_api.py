@@ -34,7 +34,6 @@ from .engine.losses import LOSSES
 from .models import ModelSpec
 
 __all__ = (
-    "LOSS_FN_INPUTS",
     "MAX_LORA_RANK",
     "MAX_NUM_SAMPLES",
     "SEED_RANGE",
@@ -50,9 +49,7 @@ __all__ = (
     "non_finite",
 )
 
-# Required loss_fn_inputs per loss function and their wire dtypes (PROTOCOL.md §5.3), from the loss registry.
-LOSS_FN_INPUTS: Final[dict[str, dict[str, str]]] = {name: dict(loss.inputs) for name, loss in LOSSES.items()}
-MAX_LORA_RANK: Final = 256  # the largest rank the hosted service offers
+MAX_LORA_RANK: Final = 256  # bounds one run's adapter and optimizer memory
 MAX_NUM_SAMPLES: Final = 256  # per request: bounds one request's share of a sampling batch
 SEED_RANGE: Final = (0, 2**63)  # seeds are non-negative int64 (torch.manual_seed and numpy both take them)
 _QUOTE: Final = 200  # characters of a bad value an error message quotes at most (DESIGN: ~200)
