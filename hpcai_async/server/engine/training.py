@@ -108,8 +108,11 @@ def _backward(run: Run, total: Any, loss_sum: float, pending: list[Any], loss_fn
     for p in params:
         p.grad = None
     total.backward()
-    fresh = [p.grad for p in params]
-    summed = [g if old is None or g is None else old + g for old, g in zip(pending, fresh, strict=True)]
+    summed = []
+    for old, g in zip(pending, [p.grad for p in params], strict=True):
+        if g is not None and old is not None:
+            g.add_(old)  # fresh + pending: the same sum autograd's accumulation makes, in place on the fresh
+        summed.append(old if g is None else g)
     peak = _max_abs([g for g in summed if g is not None])
     if not peak < math.inf:  # NaN compares False
         for p, old in zip(params, pending, strict=True):
