@@ -316,6 +316,33 @@ def test_gradients_match_direct_autograd(
         assert out.metrics["loss:mean"] == pytest.approx(float(total.detach()) / n_tokens, rel=1e-4)
 
 
+def test_a_new_loss_is_one_registered_function(engine: Engine, run: str, tok: Any, plain: Any) -> None:
+    from hpcai_async.server.engine import losses
+
+    @losses.loss("test_squared_logprob", scale="float32")
+    def squared(lp: Any, batch: Any) -> tuple[Any, float]:
+        return batch["scale"] * lp**2 * batch["mask"].to(lp.dtype), float(batch["mask"].sum())
+
+    ids = tok.encode(TEXTS[0])
+    scale = np.linspace(0.5, 1.5, len(ids) - 1).astype(np.float32)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]),
+        loss_fn_inputs={"target_tokens": np.asarray(ids[1:], dtype=np.int64), "scale": scale},
+    )
+    try:
+        with pytest.raises(BadRequestError, match="needs target_tokens, scale; missing scale"):
+            engine.forward(run, [ce_datum(ids)], "test_squared_logprob")
+        out = engine.forward(run, [datum], "test_squared_logprob")
+    finally:
+        del losses.LOSSES["test_squared_logprob"]
+    with torch.no_grad():
+        want = torch.from_numpy(scale) * direct_logprobs(plain, ids) ** 2  # a fresh run = the base model
+    np.testing.assert_allclose(out.loss_fn_outputs[0]["elementwise_loss"].to_numpy(), want.numpy(), rtol=1e-5)
+    assert out.metrics["loss:mean"] == pytest.approx(float(want.mean()), rel=1e-5)
+    with pytest.raises(BadRequestError, match="use one of cross_entropy, importance_sampling, ppo"):
+        engine.forward(run, [datum], "test_squared_logprob")
+
+
 def test_gradients_accumulate_over_calls(engine: Engine, run: str, tok: Any) -> None:
     train(engine, run, batch(tok), 1)
     data = batch(tok)
@@ -467,13 +494,41 @@ def test_load_checks_everything_before_applying(engine: Engine, run: str, tok: A
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert all(torch.equal(g[k], g2[k]) for k in g)
         for mismatched in (small, attn_only):
-            with pytest.raises(BadRequestError, match="rank"):
+            with pytest.raises(BadRequestError, match="different LoRA layout"):
                 engine.load(mismatched, tmp_path / "train")
         engine.load(other, tmp_path / "sampler")  # weights only: pending gradients are dropped
         assert all(p.grad is None for _, p in adapter(engine, other))
     finally:
         for r in (other, small, attn_only):
             engine.unload(r)
+
+
+def test_a_checkpoint_holding_nan_or_inf_is_refused(
+    engine: Engine, run: str, tok: Any, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    train(engine, run, batch(tok), 1)
+    engine.save(run, tmp_path)
+    engine.forward_backward(run, batch(tok), "cross_entropy")
+    before, g = snapshot(engine, run), grads(engine, run)
+    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+        path = tmp_path / name
+        good = path.read_bytes()
+        tensors = load_file(str(path))
+        first = next(iter(tensors))
+        tensors[first] = tensors[first].clone()
+        tensors[first].view(-1)[0] = float("inf") if name.startswith("adapter") else float("nan")
+        save_file(tensors, str(path))
+        with pytest.raises(BadRequestError, match="NaN or infinite values"):
+            engine.load(run, tmp_path, optimizer=True)
+        if name.startswith("adapter"):
+            with pytest.raises(BadRequestError, match="NaN or infinite values"):
+                engine.sample([job(tok.encode("The cat"), adapter_dir=tmp_path, max_tokens=2)])
+        path.write_bytes(good)
+    after, g2 = snapshot(engine, run), grads(engine, run)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(g[k], g2[k]) for k in g)
 
 
 def test_runs_on_one_base_do_not_affect_each_other(engine: Engine, tok: Any) -> None:

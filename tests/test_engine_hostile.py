@@ -322,6 +322,8 @@ def state(engine: Any, model_id: str) -> dict[str, Any]:
     """Everything a step may change, copied: weights, gradients, Adam state, counters."""
     run = engine._runs[model_id]
     out: dict[str, Any] = {"steps": run.steps, "loss_sum": run.loss_sum, "weight_sum": run.weight_sum}
+    if run.optimizer is not None:
+        out["settings"] = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     for key, p in run.params:
         out[key] = p.detach().clone()
         out[f"{key}.grad"] = None if p.grad is None else p.grad.clone()

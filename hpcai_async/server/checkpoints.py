@@ -15,7 +15,7 @@ import msgspec
 from .. import types
 from .._errors import BadRequestError
 from .._wire import shorten
-from .engine_api import EngineAPI
+from .engine_api import EngineAPI, check_lora_match
 from .scheduler import ModelState
 from .store import CheckpointMeta, Store, check_name, checkpoint_id_for, checkpoint_path_for, utcnow
 
@@ -50,17 +50,7 @@ def check_loadable(req: types.LoadWeightsRequest, meta: CheckpointMeta, model: M
             f"{model.base_model!r}; create a model on {meta.base_model!r} to load it "
             "(create_training_client_from_state does this)"
         )
-    have, want = model.lora_config, meta.lora_config
-    mismatch = [
-        f"{name} {getattr(want, name)} (model has {getattr(have, name)})"
-        for name in ("rank", "train_attn", "train_mlp", "train_unembed")
-        if getattr(want, name) != getattr(have, name)
-    ]
-    if mismatch:
-        raise BadRequestError(
-            f"path: {shorten(req.path)} has a different LoRA layout: {', '.join(mismatch)}; create the "
-            "model with the checkpoint's lora_config to load it"
-        )
+    check_lora_match(model.lora_config, meta.lora_config, f"path: {shorten(req.path)}")
     if req.optimizer is msgspec.UNSET:
         return meta.checkpoint_type == "training"
     if req.optimizer and meta.checkpoint_type != "training":

@@ -34,7 +34,6 @@ from .engine.losses import LOSSES
 from .models import ModelSpec
 
 __all__ = (
-    "LOSS_FN_INPUTS",
     "MAX_LORA_RANK",
     "MAX_NUM_SAMPLES",
     "SEED_RANGE",
@@ -45,13 +44,12 @@ __all__ = (
     "check_adam",
     "check_batch",
     "check_lora",
+    "check_lora_match",
     "check_sample",
     "non_finite",
 )
 
-# Required loss_fn_inputs per loss function and their wire dtypes (PROTOCOL.md §5.3), from the loss registry.
-LOSS_FN_INPUTS: Final[dict[str, dict[str, str]]] = {name: dict(loss.inputs) for name, loss in LOSSES.items()}
-MAX_LORA_RANK: Final = 256  # the largest rank the hosted service offers
+MAX_LORA_RANK: Final = 256  # bounds one run's adapter and optimizer memory
 MAX_NUM_SAMPLES: Final = 256  # per request: bounds one request's share of a sampling batch
 SEED_RANGE: Final = (0, 2**63)  # seeds are non-negative int64 (torch.manual_seed and numpy both take them)
 _QUOTE: Final = 200  # characters of a bad value an error message quotes at most (DESIGN: ~200)
@@ -350,6 +348,20 @@ def check_lora(lora: types.LoraConfig) -> None:
             "set at least one to true"
         )
     _check_seed(lora.seed, "lora_config.seed")
+
+
+def check_lora_match(have: types.LoraConfig, want: types.LoraConfig, what: str) -> None:
+    """A checkpoint (LoRA ``want``) fits a model (LoRA ``have``): same rank and trained modules."""
+    mismatch = [
+        f"{name} {getattr(want, name)} (model has {getattr(have, name)})"
+        for name in ("rank", "train_attn", "train_mlp", "train_unembed")
+        if getattr(want, name) != getattr(have, name)
+    ]
+    if mismatch:
+        raise BadRequestError(
+            f"{what} has a different LoRA layout: {', '.join(mismatch)}; create the model with the "
+            "checkpoint's lora_config to load it"
+        )
 
 
 def check_adam(adam: types.AdamParams | AdamStep) -> AdamStep:

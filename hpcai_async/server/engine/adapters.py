@@ -177,6 +177,7 @@ def sampler_adapter(base: Base, directory: Path) -> str:
         checkpoint.check_layout(
             f"weights at {directory.name!r}", weights, {k: tuple(p.shape) for k, p in params}
         )
+        checkpoint.check_finite(f"weights at {directory.name!r}", weights)
     except BadRequestError:
         delete_adapter(base, name)
         raise

@@ -9,6 +9,7 @@ is in engine.json). Every reader checks the whole folder before the caller chang
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -21,6 +22,7 @@ __all__ = (
     "CHECKPOINT_FORMAT",
     "ENGINE_FILE",
     "OPTIMIZER_FILE",
+    "check_finite",
     "check_layout",
     "read_checkpoint",
     "read_meta",
@@ -49,6 +51,15 @@ def check_layout(what: str, tensors: Mapping[str, Any], expected: Mapping[str, t
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise _bad(f"{what}: {key} has shape {list(tensors[key].shape)}, expected {list(shape)}")
+
+
+def check_finite(what: str, tensors: Mapping[str, Any]) -> None:
+    """Loaded tensors hold no NaN or infinity (a run never saves them: the file was damaged or edited)."""
+    import torch
+
+    values = list(tensors.values())
+    if values and not bool(torch.stack(torch._foreach_norm(values, math.inf)).isfinite().all()):
+        raise _bad(f"{what} hold NaN or infinite values; the checkpoint is damaged")
 
 
 def read_meta(directory: Path, base_model: str | None = None) -> dict[str, Any]:
@@ -95,6 +106,7 @@ def read_optimizer(
             expected[f"{key}.exp_avg"] = shape
             expected[f"{key}.exp_avg_sq"] = shape
         check_layout("checkpoint optimizer state", tensors, expected)
+        check_finite("checkpoint optimizer state", tensors)
         if step < 1:
             raise _bad("the checkpoint's optimizer state has no step count; it is damaged")
     return tensors, step

@@ -23,6 +23,7 @@ from ..engine_api import (
     check_adam,
     check_batch,
     check_lora,
+    check_lora_match,
     check_sample,
 )
 from ..models import BUILTIN_NAME, ModelSpec, quiet, resolve_model
@@ -245,6 +246,7 @@ class Engine:
             meta, weights = checkpoint.read_checkpoint(directory)
             self._check_compatible(run, meta)
             checkpoint.check_layout("checkpoint weights", weights, run.shapes)
+            checkpoint.check_finite("checkpoint weights", weights)
             moments: dict[str, Any] = {}
             opt_step = 0
             if optimizer:
@@ -262,12 +264,18 @@ class Engine:
                 f"{spec.name!r}; load it into a model created on {meta.get('base_model')!r}"
             )
         lora = meta.get("lora") or {}
-        if lora.get("rank") != run.lora.rank or tuple(meta.get("target_modules") or ()) != run.targets:
-            raise _bad(
-                f"the checkpoint has LoRA rank {lora.get('rank')} on {meta.get('target_modules')}, "
-                f"but model {run.run_id!r} has rank {run.lora.rank} on {list(run.targets)}; create the model "
-                "with the checkpoint's lora_config"
+        try:
+            saved = types.LoraConfig(
+                rank=lora["rank"],
+                train_attn=lora["train_attn"],
+                train_mlp=lora["train_mlp"],
+                train_unembed=lora["train_unembed"],
             )
+        except (KeyError, TypeError):
+            raise _bad(
+                f"the checkpoint's {checkpoint.ENGINE_FILE} has no LoRA config; it is damaged"
+            ) from None
+        check_lora_match(run.lora, saved, "the checkpoint")
 
     # ----------------------------------------------------------------------------------------------- sampling
 

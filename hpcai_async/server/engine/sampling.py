@@ -106,7 +106,8 @@ def _rows(base: Base, jobs: list[SampleJob]) -> list[_Row]:
     loaded = base.loaded
     rows: list[_Row] = []
     for j, job in enumerate(jobs):
-        prompt = job.prompt_ids if job.prompt_ids is not None else job.prompt.to_numpy()
+        prompt = job.prompt_ids
+        assert prompt is not None, "sampling takes jobs checked by engine_api.check_sample"
         p = job.params
         budget = loaded.spec.max_context - len(prompt)
         max_new = min(p.max_tokens if p.max_tokens is not None else DEFAULT_MAX_TOKENS, budget)

@@ -16,6 +16,7 @@ optim_step keeps a copy of the adapter's state (LoRA-sized) to put back when it 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -108,8 +109,11 @@ def _backward(run: Run, total: Any, loss_sum: float, pending: list[Any], loss_fn
     for p in params:
         p.grad = None
     total.backward()
-    fresh = [p.grad for p in params]
-    summed = [g if old is None or g is None else old + g for old, g in zip(pending, fresh, strict=True)]
+    summed = []
+    for old, g in zip(pending, [p.grad for p in params], strict=True):
+        if g is not None and old is not None:
+            g.add_(old)  # fresh + pending: the same sum autograd's accumulation makes, in place on the fresh
+        summed.append(old if g is None else g)
     peak = _max_abs([g for g in summed if g is not None])
     if not peak < math.inf:  # NaN compares False
         for p, old in zip(params, pending, strict=True):
@@ -190,31 +194,44 @@ def optim_step(run: Run, adam: AdamStep) -> types.OptimStepResponse:
     )
 
 
-def _save_state(run: Run) -> tuple[Any, list[Any], list[Any], dict[Any, dict[str, Any]]]:
-    """What optim_step changes, copied: the optimizer object, weights, gradients and Adam state."""
+@dataclass(slots=True)
+class _Saved:
+    """What optim_step changes, copied: the optimizer and its settings, weights, gradients, Adam state."""
+
+    optimizer: Any
+    groups: list[dict[str, Any]]
+    weights: list[Any]
+    grads: list[Any]
+    state: dict[Any, dict[str, Any]]
+
+
+def _save_state(run: Run) -> _Saved:
     params = [p for _, p in run.params]
-    weights = [p.detach().clone() for p in params]
-    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    opt = run.optimizer
     state: dict[Any, dict[str, Any]] = {}
-    if run.optimizer is not None:
-        for p in params:
-            s = run.optimizer.state.get(p)
-            if s:
-                state[p] = {k: v.clone() for k, v in s.items()}
-    return run.optimizer, weights, grads, state
+    for p in params if opt is not None else ():
+        if opt.state.get(p):
+            state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+    return _Saved(
+        optimizer=opt,
+        groups=[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] if opt else [],
+        weights=[p.detach().clone() for p in params],
+        grads=[None if p.grad is None else p.grad.clone() for p in params],
+        state=state,
+    )
 
 
-def _restore_state(run: Run, saved: tuple[Any, list[Any], list[Any], dict[Any, dict[str, Any]]]) -> None:
+def _restore_state(run: Run, saved: _Saved) -> None:
     import torch
 
-    optimizer, weights, grads, state = saved
     params = [p for _, p in run.params]
     with torch.no_grad():
-        for p, w, g in zip(params, weights, grads, strict=True):
+        for p, w, g in zip(params, saved.weights, saved.grads, strict=True):
             p.copy_(w)
             p.grad = g
-    run.optimizer = optimizer
-    if optimizer is not None:
-        optimizer.state.clear()
-        for p, s in state.items():
-            optimizer.state[p] = s
+    run.optimizer = opt = saved.optimizer
+    if opt is not None:
+        for group, settings in zip(opt.param_groups, saved.groups, strict=True):
+            group.update(settings)
+        opt.state.clear()
+        opt.state.update(saved.state)
