@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import msgspec
+import numpy as np
 import pytest
 
 from hpcai_async.server import NULL_MODEL, LocalServer
@@ -24,10 +26,11 @@ from hpcai_async.server.models import BUILTIN_NAME
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def post(srv: LocalServer, path: str, body: Any) -> tuple[int, Any]:
-    """One raw JSON request (no client library: the server's own answer, status and body)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"X-API-Key": srv.api_key, "Content-Type": "application/json"}
+def post(srv: LocalServer, path: str, body: Any, *, msgpack: bool = False) -> tuple[int, Any]:
+    """One raw JSON (or MessagePack) request: no client library, the server's own status and JSON answer."""
+    data = msgspec.msgpack.encode(body) if msgpack else json.dumps(body).encode()
+    kind = "application/msgpack" if msgpack else "application/json"
+    headers = {"X-API-Key": srv.api_key, "Content-Type": kind, "Accept": "application/json"}
     req = urllib.request.Request(f"{srv.url}/api/v1/{path}", data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -36,9 +39,9 @@ def post(srv: LocalServer, path: str, body: Any) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def call(srv: LocalServer, path: str, body: Any) -> tuple[int, Any]:
+def call(srv: LocalServer, path: str, body: Any, *, msgpack: bool = False) -> tuple[int, Any]:
     """Submit, then poll the future to its end: (status, body) of the submit if it failed, else the result."""
-    status, out = post(srv, path, body)
+    status, out = post(srv, path, body, msgpack=msgpack)
     if status != 200 or "request_id" not in out:
         return status, out
     deadline = time.monotonic() + 60
@@ -279,6 +282,24 @@ def test_bad_values_are_a_400_at_submit_naming_the_field(
     # nothing changed: the model has run no step, and a good request still works
     status, res = call(null_server, "forward_backward", fb(model_id, [datum()]))
     assert status == 200 and res["metrics"]["step:max"] == 0.0, res
+
+
+def test_raw_tensor_bytes_are_checked_too(null_server: LocalServer) -> None:
+    """MessagePack carries tensors as raw little-endian bytes: the same rules, on the bytes."""
+    model_id = create(null_server, NULL_MODEL, seed=0)
+    nan = np.array([1.0, np.nan, 1.0], "<f4").tobytes()
+    cases = [
+        (datum(b"\x01" * 7), f"{TOKENS}: 7 bytes is not a whole number of int64 values"),
+        (datum(np.array([1, -5, 2], "<i8").tobytes()), f"{TOKENS}: token id -5 is outside"),
+        (datum(weights={"data": nan, "dtype": "float32"}), f"{WEIGHTS}: values must be finite"),
+        (datum(**targets(np.array([2, 3], "<i8").tobytes())), f"{TARGETS}: 2 values, but model_input has 3"),
+    ]
+    for bad, expect in cases:
+        status, out = post(null_server, "forward_backward", fb(model_id, [bad]), msgpack=True)
+        assert status == 400 and expect in out["message"], out
+    good = fb(model_id, [datum(np.array([1, 2, 3], "<i8").tobytes())])
+    status, out = call(null_server, "forward_backward", good, msgpack=True)
+    assert status == 200 and out["metrics"]["step:max"] == 0.0, out
 
 
 def test_vocabulary_of_the_real_model_is_checked(server: LocalServer) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from msgspec import UnsetType
 
-from .. import types
+from .. import _tensor, types
 from .._errors import BadRequestError
 from .engine.losses import LOSSES
 from .models import ModelSpec
@@ -152,30 +152,26 @@ def _array(data: Any, dtype: str, shape: list[int] | None, what: str) -> npt.NDA
     array of that kind. No silent conversion: 1.5, "5" and ``true`` are not token ids, nor "5" a number."""
     if dtype not in _DTYPES:
         raise BadRequestError(f"{what}: dtype must be one of {', '.join(_DTYPES)}; got {_quote(dtype)}")
-    np_dtype = np.dtype(_DTYPES[dtype])
     kind = "integers (token ids)" if dtype == "int64" else "numbers"
-    if isinstance(data, bytes | bytearray | memoryview):
-        if len(data) % np_dtype.itemsize:
-            raise BadRequestError(f"{what}: {len(data)} bytes is not a whole number of {dtype} values")
-        arr = np.frombuffer(data, dtype=np_dtype)
-    elif isinstance(data, np.ndarray):
-        if data.dtype.kind not in ("iu" if dtype == "int64" else "iuf") or (
-            data.dtype.kind == "u" and data.size and int(data.max()) >= 2**63
-        ):
-            raise BadRequestError(f"{what}: values must be {kind}, got an array of {data.dtype}")
-        arr = data.astype(np_dtype, copy=False).reshape(-1)
-    elif isinstance(data, list):
+    if isinstance(data, list):
         allowed = (int,) if dtype == "int64" else (int, float)
         if not set(map(type, data)).issubset(allowed):  # one C-level pass: bool, str, list, None refused
             bad = next(v for v in data if type(v) not in allowed)
             raise BadRequestError(f"{what}: values must be {kind}, got {_quote(bad)}")
-        arr = np.empty(len(data), dtype=np_dtype)
-        try:  # struct packs straight into the array, ~2x faster than np.array (no dtype discovery)
+        arr = np.empty(len(data), dtype=_DTYPES[dtype])
+        try:  # struct refuses values beyond the dtype's range (numpy would wrap, or warn and give inf)
             struct.pack_into(f"<{len(data)}{'q' if dtype == 'int64' else 'f'}", arr.data, 0, *data)
         except (struct.error, OverflowError):
             raise BadRequestError(f"{what}: a value is outside the {dtype} range") from None
-    else:
+    elif isinstance(data, np.ndarray) and data.dtype.kind not in ("iu" if dtype == "int64" else "iuf"):
+        raise BadRequestError(f"{what}: values must be {kind}, got an array of {data.dtype}")
+    elif not isinstance(data, bytes | bytearray | memoryview | np.ndarray):
         raise BadRequestError(f"{what}: must be a flat list of {kind}, got {_quote(data)}")
+    else:  # raw bytes (MessagePack) or an array: _tensor's conversion, which checks the byte count
+        try:
+            arr = _tensor.as_array(data, dtype, what=what).reshape(-1)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
     if shape is not None and math.prod(shape) != arr.size:
         raise BadRequestError(f"{what}: {arr.size} values do not fit shape {_quote(shape)}")
     return arr
