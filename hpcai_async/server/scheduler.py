@@ -1,4 +1,4 @@
-"""Futures, per-model ordering, idempotency, sample batching, and the one worker thread that runs the engine.
+"""The device queue: submitting, per-model order and dedupe, sample batching, and the one engine thread.
 
 How a request flows: a route validates it and calls ``submit`` (or ``submit_sample``) with a zero-argument
 function to run on the device; the scheduler answers with a ``Record`` (the future) at once. Work goes to the
@@ -24,10 +24,8 @@ Sampling: concurrent ``asample`` requests for the same (base model, adapter) joi
 that queued up while the device was busy, plus a window of ``sample_window_s`` -- and run as one
 ``engine.sample(jobs)`` call, capped at ``max_batch_sequences`` sequences.
 
-Results are kept ``retention_s`` after completion, or ``delivered_retention_s`` (5 min) after they were first
-handed out if that comes sooner: long enough for a client to fetch again an answer lost on the way, short
-enough that a training loop does not pile up every logprob tensor of the last hour. An expired id answers 410
-(a bounded set of expired ids tells them apart from ids never issued, which answer 404).
+The futures themselves (records, retention, long-poll waits) are ``futures.py``'s; the seq_id rules are
+``ordering.py``'s.
 """
 
 from __future__ import annotations
@@ -36,57 +34,25 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import types
-from .._errors import APIError, BadRequestError, ConflictError, GoneError, InternalServerError, NotFoundError
+from .._errors import APIError, BadRequestError, ConflictError, InternalServerError, NotFoundError
 from .engine_api import EngineAPI, SampleJob
+from .futures import Futures, Record, error_response
 from .ordering import SEQUENCE_CONFLICT, SeqOrder
 
 __all__ = ("ModelState", "Record", "Scheduler", "error_response")
 
 log = logging.getLogger("hpcai_async.server")
 
-_EXPIRED_IDS_KEPT = 100_000
 MAX_JOB_GROUP = 64  # queued jobs handed to the device thread at once (each still finishes when it has run)
 # Ended models (unloaded or failed) whose state is kept, so their requests answer "was unloaded"; a long-lived
 # server creating a model per experiment must not keep every one of them.
 MAX_ENDED_MODELS = 1000
 IDEMPOTENCY_CONFLICT = "idempotency_conflict"
-
-
-def error_response(exc: BaseException) -> types.ErrorResponse:
-    """The ``{error, message}`` of an exception: API errors by class name, bad values as BadRequestError."""
-    if isinstance(exc, APIError):
-        return types.ErrorResponse(error=type(exc).__name__, message=exc.message, code=exc.code)
-    if isinstance(exc, ValueError | LookupError | TypeError):
-        return types.ErrorResponse(error="BadRequestError", message=str(exc) or type(exc).__name__)
-    return types.ErrorResponse(error="InternalServerError", message=f"{type(exc).__name__}: {exc}")
-
-
-@dataclass(eq=False, slots=True)
-class Record:
-    """A future: one submitted request and, once done, its result or error."""
-
-    request_id: str
-    kind: str
-    model_id: str | None
-    fingerprint: bytes
-    idem_key: str | None = None
-    seq_id: int | None = None
-    result: Any = None
-    error: types.ErrorResponse | None = None
-    finished_at: float | None = None
-    delivered_at: float | None = None  # first time retrieve_future handed the result out
-    waiters: set[asyncio.Future[bool]] = field(default_factory=set)
-
-    @property
-    def done(self) -> bool:
-        return self.finished_at is not None
 
 
 @dataclass(eq=False, slots=True)
@@ -125,7 +91,7 @@ class ModelState:
         return self.status in ("failed", "unloaded")
 
 
-class Scheduler:
+class Scheduler(Futures):
     """See the module docstring: ``await start(engine_factory)`` on the server's loop, ``await stop()``."""
 
     def __init__(
@@ -138,25 +104,18 @@ class Scheduler:
         max_batch_sequences: int = 256,
         delivered_retention_s: float = 300.0,
     ) -> None:
+        super().__init__(retention_s=retention_s, delivered_retention_s=delivered_retention_s)
         self.long_poll_s = long_poll_s
-        self.retention_s = retention_s
         self.seq_gap_timeout_s = seq_gap_timeout_s
         self.sample_window_s = sample_window_s
         self.max_batch_sequences = max_batch_sequences
-        self.delivered_retention_s = delivered_retention_s
         self.max_ended_models = MAX_ENDED_MODELS
         self.engine: EngineAPI | None = None
         self.models: dict[str, ModelState] = {}
-        self._records: dict[str, Record] = {}
-        self._by_key: dict[str, Record] = {}
-        self._expired: OrderedDict[str, None] = OrderedDict()
         self._open_batches: dict[tuple[str, str | None], _SampleBatch] = {}
-        self._waiters: set[asyncio.Future[bool]] = set()
         self._queue: asyncio.Queue[_Job | _SampleBatch] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self.closing = False
         self.busy = False  # the engine is running a job now (for tests and telemetry)
 
     # -------------------------------------------------------------------------------------------- lifecycle
@@ -180,13 +139,6 @@ class Scheduler:
             asyncio.create_task(self._worker(), name="hpcai-server-worker"),
             asyncio.create_task(self._reaper(on_tick), name="hpcai-server-reaper"),
         ]
-
-    def wake_all(self) -> None:
-        """Answer every long-poll now (they see 'not done': try_again): the server is shutting down."""
-        self.closing = True
-        for waiter in list(self._waiters):
-            if not waiter.done():
-                waiter.set_result(False)
 
     async def stop(self, close_engine: bool = True) -> None:
         """Stop the tasks, let a running engine call finish, close the engine (if it has ``close`` and
@@ -227,16 +179,6 @@ class Scheduler:
 
     # -------------------------------------------------------------------------------------------- records
 
-    def _new_record(
-        self, kind: str, model_id: str | None, fingerprint: bytes, idem_key: str | None
-    ) -> Record:
-        record = Record(request_id=str(uuid.uuid4()), kind=kind, model_id=model_id, fingerprint=fingerprint)
-        self._records[record.request_id] = record
-        if idem_key:
-            record.idem_key = idem_key
-            self._by_key[idem_key] = record
-        return record
-
     def find_duplicate(
         self, idem_key: str | None, fingerprint: bytes, model_id: str | None = None, seq_id: int | None = None
     ) -> Record | None:
@@ -274,94 +216,11 @@ class Scheduler:
             )
         return record
 
-    def get(self, request_id: str) -> Record:
-        """The record of ``request_id``; NotFoundError if never issued, GoneError if its result expired."""
-        record = self._records.get(request_id)
-        if record is not None and self._expired_now(record, self._now()):
-            self._expire(record)
-            record = None
-        if record is None:
-            if request_id in self._expired:
-                raise GoneError(
-                    f"the result of request {request_id!r} expired: results are kept {self.retention_s:g} s "
-                    "after they complete; submit the request again"
-                )
-            raise NotFoundError(
-                f"unknown request_id {request_id!r}: no request with this id was submitted to this server "
-                "(or the server restarted since); submit the request again"
-            )
-        return record
-
-    async def wait(
-        self,
-        record: Record,
-        timeout: float | None,  # noqa: ASYNC109 (a long-poll's own deadline, not a call timeout)
-        until: asyncio.Event | None = None,
-    ) -> bool:
-        """Wait until ``record`` is done (True) or ``timeout`` passes, ``until`` is set, or the server shuts
-        down (False). Cancelling the wait leaves nothing behind."""
-        if record.finished_at is not None:
-            return True
-        if self.closing or (until is not None and until.is_set()):
-            return False
-        assert self._loop is not None
-        waiter: asyncio.Future[bool] = self._loop.create_future()
-        record.waiters.add(waiter)
-        self._waiters.add(waiter)
-        handle = None if timeout is None else self._loop.call_later(timeout, _resolve, waiter, False)
-        stopper = None if until is None else asyncio.ensure_future(until.wait())
-        if stopper is not None:
-            stopper.add_done_callback(lambda _: _resolve(waiter, False))
-        try:
-            return await waiter
-        finally:
-            if handle is not None:
-                handle.cancel()
-            if stopper is not None:
-                stopper.cancel()
-            record.waiters.discard(waiter)
-            self._waiters.discard(waiter)
-
-    def _finish(self, record: Record, outcome: Any) -> None:
-        if record.finished_at is not None:
-            return
-        if isinstance(outcome, BaseException):
-            record.error = error_response(outcome)
-            if not isinstance(outcome, APIError | ValueError | LookupError | TypeError):
-                log.error("request %s (%s) failed", record.request_id, record.kind, exc_info=outcome)
-        else:
-            record.result = outcome
-        record.finished_at = self._now()
-        for waiter in record.waiters:
-            _resolve(waiter, True)
-
-    def _expired_now(self, record: Record, now: float) -> bool:
-        if record.finished_at is None:
-            return False
-        if record.delivered_at is not None and now - record.delivered_at > self.delivered_retention_s:
-            return True
-        return now - record.finished_at > self.retention_s
-
-    def delivered(self, record: Record) -> None:
-        """``record``'s result was handed out: from now on it is kept only ``delivered_retention_s``."""
-        if record.delivered_at is None:
-            record.delivered_at = self._now()
-
-    def _expire(self, record: Record) -> None:
-        self._records.pop(record.request_id, None)
-        self._expired[record.request_id] = None
-        while len(self._expired) > _EXPIRED_IDS_KEPT:
-            self._expired.popitem(last=False)
-        if record.idem_key and self._by_key.get(record.idem_key) is record:
-            del self._by_key[record.idem_key]
+    def _forget(self, record: Record) -> None:
         if record.model_id is not None and record.seq_id is not None:
             model = self.models.get(record.model_id)
             if model is not None:
                 model.order.forget(record.seq_id, record)
-
-    def _now(self) -> float:
-        assert self._loop is not None
-        return self._loop.time()
 
     def _forget_ended_models(self) -> None:
         """Keep the newest ``max_ended_models`` ended models (dicts keep creation order: oldest first)."""
@@ -374,9 +233,7 @@ class Scheduler:
         while True:
             await asyncio.sleep(interval)
             try:
-                now = self._now()
-                for record in [r for r in self._records.values() if self._expired_now(r, now)]:
-                    self._expire(record)
+                self._expire_due()
                 self._forget_ended_models()
                 if on_tick is not None:
                     await on_tick()
@@ -573,8 +430,3 @@ class Scheduler:
             self.busy = False
         for (record, _), outcome in zip(batch.items, outcomes, strict=True):
             self._finish(record, outcome)
-
-
-def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
-    if not waiter.done():
-        waiter.set_result(value)

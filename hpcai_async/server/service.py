@@ -106,7 +106,8 @@ class Service:
         if model is None:
             if self.store.get_run(model_id) is not None:
                 raise NotFoundError(
-                    f"model {model_id} is not loaded: it was created before this server started; {resume}"
+                    f"model {model_id} is not loaded (unloaded, or created before this server started); "
+                    + resume
                 )
             raise NotFoundError(
                 f"unknown model_id {shorten(model_id)}; create a model first (create_model, or "
