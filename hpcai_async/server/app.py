@@ -332,7 +332,9 @@ def build_app(
 
     ``engine`` is called on the device thread when the app starts; ``store``: the runs folder (None: a
     temporary one, deleted at cleanup); ``scheduler``: one to use (its timeouts), else a default one;
-    ``close_engine``: whether cleanup closes the engine (False for one shared across servers).
+    ``close_engine``: whether cleanup closes the engine (False for one shared across servers); ``limits``:
+    the body size and body deadline. The head deadline belongs to the runner: ``LocalServer`` passes
+    ``keepalive_timeout=HEAD_TIMEOUT_S``; pass it to ``web.run_app`` too.
     """
     if dialect not in DIALECTS:
         raise ValueError(f"dialect must be one of {sorted(DIALECTS)}, got {dialect[:50]!r}")
