@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, TypeVar, Unpack
 
 import msgspec
 
-from . import _tensor
+from . import _wire
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -64,9 +64,7 @@ T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://www.hpc-ai.com/finetunesdk"  # the HPC-AI README's value (PROTOCOL.md §1.1)
 USER_AGENT = f"hpcai_async/{__version__}"
-JSON = "application/json"
-MSGPACK = "application/msgpack"
-ACCEPT_MSGPACK = f"{MSGPACK}, {JSON};q=0.9"
+JSON, MSGPACK, ACCEPT_MSGPACK = _wire.JSON, _wire.MSGPACK, _wire.ACCEPT_MSGPACK
 
 CONNECT_TIMEOUT = 5.0  # s, as the official client (PROTOCOL.md §1.4)
 POLL_READ_TIMEOUT = 45.0  # s, the official client's retrieve_future timeout (§3.2)
@@ -80,8 +78,8 @@ POLL_PAUSE_MIN = 0.001  # ... but at least 1 ms ...
 POLL_PAUSE_MAX = 1.0  # ... and at most 1 s
 # With "inline_result" a submit may wait this long for its result (instant jobs: NullEngine, a sample batch
 # window): one request instead of submit + retrieve_future. Longer jobs are long-polled as before.
-INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.01"}
-BATCH_INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.05"}  # for all the results of a batch (the server's cap)
+INLINE_WAIT = {_wire.INLINE_WAIT_HEADER: str(_wire.INLINE_WAIT_SUBMIT)}
+BATCH_INLINE_WAIT = {_wire.INLINE_WAIT_HEADER: str(_wire.INLINE_WAIT_BATCH)}  # all the results of a batch
 # With "batch", requests made while others are on their way go out together in one POST batch (see _Batcher).
 BATCH_SLOTS = 2  # requests or batches on the wire at once; what comes meanwhile waits for a free slot ...
 BATCH_MAX_ITEMS = 256  # ... and goes with up to this many others ...
@@ -103,10 +101,6 @@ def connection_errors() -> tuple[type[BaseException], ...]:
     return (aio.ClientConnectionError, aio.ClientPayloadError, TimeoutError)
 
 
-_JSON_ENCODER = msgspec.json.Encoder(enc_hook=_tensor.json_enc_hook)
-_MSGPACK_ENCODER = msgspec.msgpack.Encoder(enc_hook=_tensor.msgpack_enc_hook)
-
-
 class _Probe(msgspec.Struct):
     """The fields that tell a retrieve_future answer apart: try_again, an error, or the result."""
 
@@ -116,19 +110,10 @@ class _Probe(msgspec.Struct):
     queue_state: Any = None
 
 
-_DECODERS: dict[tuple[bool, Any], msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]] = {}
-
-
 def decode(payload: bytes, content_type: str, tp: type[T]) -> T:
     """Decode a response body (JSON or MessagePack, by its content type) into ``tp``."""
-    msgpack = content_type == MSGPACK
-    decoder = _DECODERS.get((msgpack, tp))
-    if decoder is None:  # one reusable decoder per type and format
-        decoder = _DECODERS[msgpack, tp] = (
-            msgspec.msgpack.Decoder(tp) if msgpack else msgspec.json.Decoder(tp)
-        )
     try:
-        result: T = decoder.decode(payload)
+        result: T = _wire.decoder(tp, _wire.is_msgpack(content_type)).decode(payload)
     except msgspec.DecodeError as exc:
         raise APIError(f"unexpected response from the server for {tp.__name__}: {exc}") from None
     return result
@@ -142,12 +127,12 @@ def backoff_delay(attempt: int) -> float:
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """The server's ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), if within (0, 60] s."""
     value: float | None = None
-    if (ms := headers.get("retry-after-ms")) is not None:
+    if (ms := headers.get(_wire.RETRY_AFTER_MS)) is not None:
         try:
             value = float(ms) / 1000.0
         except ValueError:
             value = None
-    if value is None and (raw := headers.get("retry-after")) is not None:
+    if value is None and (raw := headers.get(_wire.RETRY_AFTER)) is not None:
         try:
             value = float(raw)
         except ValueError:
@@ -159,21 +144,6 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     if value is None or not 0.0 < value <= RETRY_AFTER_MAX:
         return None
     return value
-
-
-def _server_message(payload: bytes, content_type: str) -> tuple[str, str | None]:
-    """The message and error code of an error body, whatever its shape."""
-    try:
-        body = msgspec.msgpack.decode(payload) if content_type == MSGPACK else msgspec.json.decode(payload)
-    except msgspec.DecodeError:
-        text = payload[:500].decode("utf-8", "replace").strip()
-        return text or "(empty body)", None
-    if isinstance(body, dict):
-        code = body.get("error") if isinstance(body.get("error"), str) else None
-        for field in ("message", "detail", "error"):
-            if (value := body.get(field)) is not None:
-                return (value if isinstance(value, str) else msgspec.json.encode(value).decode()), code
-    return msgspec.json.encode(body).decode()[:500], None
 
 
 def _describe(exc: BaseException) -> str:
@@ -243,7 +213,7 @@ class _Batcher:
                 return await self.transport.send("POST", path, data, headers)
             finally:
                 self._release()
-        item = BatchItem(path=path, body=msgspec.Raw(data), idempotency_key=headers["X-Idempotency-Key"])
+        item = BatchItem(path=path, body=msgspec.Raw(data), idempotency_key=headers[_wire.IDEMPOTENCY_KEY])
         answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self.waiting.append((item, len(data), answer))
         return await answer
@@ -317,7 +287,7 @@ class Transport:
         self.session_id = str(uuid.uuid4())
         self.binding = LoopBinding(on_bind=self._bound, on_rebind=self._forget_loop)
         self.closed = False
-        self._headers = {"X-API-Key": api_key, "User-Agent": USER_AGENT, "Accept": JSON}
+        self._headers = {_wire.API_KEY: api_key, "User-Agent": USER_AGENT, "Accept": JSON}
         for env, header in (
             ("CLOUDFLARE_ACCESS_CLIENT_ID", "CF-Access-Client-Id"),
             ("CLOUDFLARE_ACCESS_CLIENT_SECRET", "CF-Access-Client-Secret"),
@@ -470,9 +440,7 @@ class Transport:
         return self.api_url + path
 
     def encode(self, body: Any, msgpack: bool) -> tuple[bytes, str]:
-        if msgpack:
-            return _MSGPACK_ENCODER.encode(body), MSGPACK
-        return _JSON_ENCODER.encode(body), JSON
+        return _wire.encode(body, msgpack)
 
     async def request(self, method: str, path: str, result: type[T], **options: Unpack[CallOptions]) -> T:
         """``call`` (with retries), its answer decoded into ``result``."""
@@ -505,7 +473,7 @@ class Transport:
         if msgpack:
             all_headers["Accept"] = ACCEPT_MSGPACK
         if method != "GET":
-            all_headers["X-Idempotency-Key"] = key or self.auto_key()
+            all_headers[_wire.IDEMPOTENCY_KEY] = key or self.auto_key()
         features = self._features or frozenset()
         batched = batch and "batch" in features and data is not None and len(data) <= BATCH_MAX_BYTES
 
@@ -540,7 +508,7 @@ class Transport:
         """``POST batch`` (no retries): the answer of each request, or the batch's own failure for each."""
         msgpack = self.msgpack
         data, content_type = self.encode(BatchRequest(requests=items), msgpack)
-        headers = {"Content-Type": content_type, "X-Idempotency-Key": self.auto_key()}
+        headers = {"Content-Type": content_type, _wire.IDEMPOTENCY_KEY: self.auto_key()}
         if inline and self.submit_headers:
             headers.update(BATCH_INLINE_WAIT)
         if msgpack:
@@ -556,9 +524,9 @@ class Transport:
     def failure(self, method: str, path: str, answer: Answer) -> Exception:
         """The exception for an error answer: ``_Retryable`` or the final ``APIStatusError``."""
         status = answer.status
-        should = answer.headers.get("x-should-retry", "").lower()
+        should = answer.headers.get(_wire.SHOULD_RETRY, "").lower()
         retryable = should == "true" or (should != "false" and (status in RETRY_STATUSES or status >= 500))
-        message, code = _server_message(answer.payload, answer.content_type)
+        message, code = _wire.parse_error_body(answer.payload, answer.content_type)
         if retryable:
             return _Retryable(f"HTTP {status} ({message})", retry_after(answer.headers), status)
         return error_for_status(status)(
@@ -631,8 +599,8 @@ class Transport:
         )
         headers = {
             "Content-Type": content_type,
-            "X-Idempotency-Key": self.auto_key(),
-            "X-HpcAI-Request-Type": request_type,
+            _wire.IDEMPOTENCY_KEY: self.auto_key(),
+            _wire.REQUEST_TYPE: request_type,
         }
         if msgpack:
             headers["Accept"] = ACCEPT_MSGPACK
@@ -646,11 +614,11 @@ class Transport:
         failures = 0
         iteration = 0
         while True:
-            headers["X-HpcAI-Request-Iteration"] = str(iteration)
+            headers[_wire.REQUEST_ITERATION] = str(iteration)
             if iteration == 0 and roundtrip is not None:
-                headers["X-HpcAI-Create-Promise-Roundtrip-Time"] = f"{roundtrip:.6f}"
+                headers[_wire.ROUNDTRIP] = f"{roundtrip:.6f}"
             elif iteration == 1:
-                headers.pop("X-HpcAI-Create-Promise-Roundtrip-Time", None)
+                headers.pop(_wire.ROUNDTRIP, None)
             iteration += 1
             sent = time.monotonic()
             hint: float | None = None
@@ -684,7 +652,7 @@ class Transport:
                     await self._pause_after_try_again(start, sent)
                     continue
                 if status != 429 and status < 500:
-                    message, code = _server_message(payload, content_type)
+                    message, code = _wire.parse_error_body(payload, content_type)
                     cls: type[APIStatusError] = error_for_status(status)
                     raise cls(
                         f"retrieve_future: HTTP {status}: {message}",
@@ -692,7 +660,7 @@ class Transport:
                         code=code,
                         request_id=request_id,
                     )
-                failure = f"HTTP {status} ({_server_message(payload, content_type)[0]})"
+                failure = f"HTTP {status} ({_wire.parse_error_body(payload, content_type)[0]})"
                 hint = retry_after(answer.headers)
             now = time.monotonic()
             if failing_since is None:

@@ -13,6 +13,7 @@ import time
 
 import msgspec
 
+from . import _wire
 from ._errors import APIError, ConfigurationError, GoneError
 from ._http import Transport
 from ._loop import LoopBinding, future, on_client_loop
@@ -20,7 +21,7 @@ from .types import ModelInput, SampleRequest, SampleResponse, SamplingParams, Un
 
 __all__ = ("SamplingClient",)
 
-_BACKPRESSURE_HEADERS = {"X-HpcAI-Sampling-Backpressure": "1"}
+_BACKPRESSURE_HEADERS = {_wire.SAMPLING_BACKPRESSURE: "1"}
 
 
 class SamplingClient:
@@ -33,8 +34,10 @@ class SamplingClient:
     def __init__(
         self, transport: Transport, *, model_path: str | None = None, base_model: str | None = None
     ) -> None:
-        if model_path is not None and not model_path.startswith("hpcai://"):
-            raise ConfigurationError(f"model_path must start with 'hpcai://', got {model_path!r}")
+        if model_path is not None and not _wire.is_checkpoint_path(model_path):
+            raise ConfigurationError(
+                f"model_path must start with 'hpcai://' (or 'tinker://'), got {_wire.shorten(model_path)}"
+            )
         if model_path is None and base_model is None:
             raise ConfigurationError("a SamplingClient needs a model_path or a base_model")
         self._transport = transport
