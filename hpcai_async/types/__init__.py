@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from msgspec import UNSET, Struct, UnsetType
 
-from .. import _tensor
+from .. import _tensor, _wire
 from .._tensor import TensorDtype
 
 if TYPE_CHECKING:
@@ -26,12 +26,10 @@ if TYPE_CHECKING:
 
 __all__ = (
     "AdamParams",
-    "BatchAnswer",
-    "BatchItem",
-    "BatchRequest",
-    "BatchResponse",
     "Checkpoint",
+    "CheckpointType",
     "CheckpointsListResponse",
+    "ComputeLogprobsResponse",
     "CreateModelRequest",
     "CreateModelResponse",
     "Cursor",
@@ -51,17 +49,23 @@ __all__ = (
     "LoadWeightsRequest",
     "LoadWeightsResponse",
     "LoraConfig",
+    "LossFnInputs",
+    "LossFnOutput",
     "LossFnType",
     "ModelData",
+    "ModelID",
     "ModelIdRequest",
     "ModelInput",
     "ModelInputChunk",
     "OptimStepRequest",
     "OptimStepResponse",
+    "ParsedCheckpointPath",
+    "RequestID",
     "SampleRequest",
     "SampleResponse",
     "SampledSequence",
     "SamplingParams",
+    "SaveWeightsForSamplerRequest",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsRequest",
     "SaveWeightsResponse",
@@ -72,12 +76,18 @@ __all__ = (
     "TrainingRun",
     "TrainingRunsResponse",
     "TryAgainResponse",
+    "UnloadModelRequest",
     "UnloadModelResponse",
     "UntypedAPIFuture",
 )
+# Not listed: BatchItem, BatchRequest, BatchAnswer, BatchResponse -- the structs of our "batch" protocol
+# extension, used by the client's transport and the local server, not by programs.
 
 LossFnType: TypeAlias = Literal["cross_entropy", "importance_sampling", "ppo"]
 StopReason: TypeAlias = Literal["length", "stop"]
+CheckpointType: TypeAlias = Literal["training", "sampler"]
+ModelID: TypeAlias = str  # the official SDK's names for the ids
+RequestID: TypeAlias = str
 
 # Plain lists in Datum.loss_fn_inputs get their dtype from the key (PROTOCOL.md §5.2).
 _KEY_DTYPES: dict[str, TensorDtype] = {
@@ -290,6 +300,10 @@ class ModelInput(Struct, kw_only=True):
         return self.append(EncodedTextChunk(tokens=[token]))
 
 
+LossFnInputs: TypeAlias = dict[str, TensorData]
+LossFnOutput: TypeAlias = dict[str, TensorData]
+
+
 class Datum(Struct, kw_only=True):
     """One example: ``model_input`` and the loss function's per-token inputs.
 
@@ -396,6 +410,7 @@ class ModelIdRequest(Struct, kw_only=True):
 
 
 GetInfoRequest = ModelIdRequest
+UnloadModelRequest = ModelIdRequest
 
 
 class SaveWeightsRequest(Struct, kw_only=True):
@@ -404,6 +419,9 @@ class SaveWeightsRequest(Struct, kw_only=True):
     model_id: str
     path: str | UnsetType = UNSET
     seq_id: int | UnsetType = UNSET
+
+
+SaveWeightsForSamplerRequest = SaveWeightsRequest
 
 
 class LoadWeightsRequest(Struct, kw_only=True):
@@ -544,6 +562,11 @@ class HealthResponse(Struct, kw_only=True):
     status: str
 
 
+class ComputeLogprobsResponse(Struct, kw_only=True):
+    logprobs: list[float | None]
+    type: Literal["compute_logprobs"] = "compute_logprobs"
+
+
 class SampledSequence(Struct, kw_only=True):
     stop_reason: StopReason
     tokens: list[int]
@@ -561,9 +584,47 @@ class SampleResponse(Struct, kw_only=True):
 
 class Checkpoint(Struct, kw_only=True):
     checkpoint_id: str
-    checkpoint_type: Literal["training", "sampler"]
+    checkpoint_type: CheckpointType
     time: _dt.datetime
     checkpoint_path: str
+
+
+class ParsedCheckpointPath(Struct, kw_only=True):
+    """A checkpoint path and its parts: ``hpcai://{training_run_id}/{checkpoint_type}/{checkpoint_id}``.
+
+    The official SDK's type; ``parse`` accepts every spelling the client does (``hpcai://`` and
+    ``tinker://``, ``weights`` / ``sampler_weights`` as well as ``training`` / ``sampler``) and raises
+    ``ConfigurationError`` (a ``ValueError``, as the official parser raises) for anything else.
+    """
+
+    checkpoint_path: str
+    training_run_id: str
+    checkpoint_type: CheckpointType
+    checkpoint_id: str
+
+    @classmethod
+    def parse(cls, path: str) -> ParsedCheckpointPath:
+        parts = _wire.parse_checkpoint_path(path)
+        return cls(
+            checkpoint_path=path,
+            training_run_id=parts.training_run_id,
+            checkpoint_type=parts.checkpoint_type,
+            checkpoint_id=parts.checkpoint_id,
+        )
+
+    @classmethod
+    def from_checkpoint_path(cls, checkpoint_path: str) -> ParsedCheckpointPath:
+        return cls.parse(checkpoint_path)
+
+    @classmethod
+    def from_hpcai_path(cls, path: str) -> ParsedCheckpointPath:
+        return cls.parse(path)
+
+    def to_path(self) -> str:
+        return f"{self.training_run_id}/{self.checkpoint_type}/{self.checkpoint_id}"
+
+    def to_uri(self) -> str:
+        return f"hpcai://{self.to_path()}"
 
 
 class CheckpointsListResponse(Struct, kw_only=True):
@@ -594,3 +655,8 @@ class Cursor(Struct, kw_only=True):
 class TrainingRunsResponse(Struct, kw_only=True):
     training_runs: list[TrainingRun]
     cursor: Cursor
+
+
+from . import _paths  # noqa: E402 - registers the official SDK's module paths, which need the names above
+
+_paths.register()
