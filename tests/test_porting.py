@@ -6,6 +6,7 @@ tensor payloads that read as bytes, types that alias the caller's buffers, defau
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -17,6 +18,7 @@ from client_fixtures import client, datum, run
 from hpcai_async import _tensor, types
 
 BUILTIN = "hpcai-async/tiny-qwen3"
+NULL_MODEL = "null/instant"
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,80 @@ def test_types_keep_their_own_copy_of_the_callers_buffers() -> None:
     model_input = types.ModelInput.from_ints(buf := [1, 2])
     buf.append(3)
     assert model_input.to_ints() == [1, 2]
+
+
+# ------------------------------------------------------------------------------------- checkpoint_utils
+
+
+def test_checkpoint_utils_write_the_official_file_format(null_server: Any, tmp_path: Any) -> None:
+    from official_env import official_python, run_official
+
+    from hpcai_async import checkpoint_utils
+
+    async def main() -> dict[str, str]:
+        async with client(null_server) as service:
+            tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+            return await checkpoint_utils.save_checkpoint_async(
+                tc, "step1", str(tmp_path), {"batch": 1, "epoch": 0}, kind="both"
+            )
+
+    paths = run(main)
+    assert set(paths) == {"state_path", "sampler_path"}
+    with client(null_server) as service:  # the blocking form, from a plain script
+        tc = service.create_lora_training_client(NULL_MODEL, rank=4)
+        sampler_only = checkpoint_utils.save_checkpoint(tc, "s2", str(tmp_path), {"batch": 2}, kind="sampler")
+    assert set(sampler_only) == {"sampler_path"}
+    records = checkpoint_utils.load_checkpoints_file(str(tmp_path))
+    assert records == [
+        {"name": "step1", "batch": 1, "epoch": 0, **paths},
+        {"name": "s2", "batch": 2, **sampler_only},
+    ]
+    last = checkpoint_utils.get_last_checkpoint(str(tmp_path))  # the sampler-only save cannot resume
+    assert last == records[0]
+    assert checkpoint_utils.get_last_checkpoint(str(tmp_path), "sampler_path") == records[1]
+    assert checkpoint_utils.get_last_checkpoint(str(tmp_path / "nothing")) is None
+    python = official_python()
+    if python is not None:  # the official SDK resumes from the file we wrote
+        script = "import json, sys; from hpcai import checkpoint_utils as c; "
+        script += "print(json.dumps(c.get_last_checkpoint(sys.argv[1])))"
+        assert run_official(python, script, str(tmp_path)) == records[0]
+
+
+# ------------------------------------------------------------------------------------- failed restores
+
+
+def _loaded_runs(srv: Any) -> set[str]:
+    return {m.model_id for m in srv.scheduler.models.values() if m.status not in ("unloading", "unloaded")}
+
+
+def test_a_failed_restore_unloads_the_run_it_created(null_server: Any) -> None:
+    from fault_proxy import FaultProxy
+
+    from hpcai_async import BadRequestError, NotFoundError
+
+    async def main(proxy_url: str) -> None:
+        async with client(null_server) as service, client(null_server, base_url=proxy_url) as proxied:
+            tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4, train_mlp=True)
+            saved = await (await tc.save_state_async("good"))
+            before = _loaded_runs(null_server)
+            bad_path = saved.path.replace("/good", "/missing")
+            with pytest.raises(NotFoundError, match="missing"):
+                await service.create_training_client_from_state_async(bad_path)
+            assert _loaded_runs(null_server) == before
+            # a layout mismatch: the run record (as from the hosted service) names only the rank, so the new
+            # run gets the default layout (attention only) and the checkpoint (attention + MLP) does not fit
+            run_record = json.loads(
+                msgspec.json.encode(await service.create_rest_client().get_training_run_async(tc.model_id))
+            )
+            run_record.pop("lora_config")
+            proxy.inject(
+                f"training_runs/{tc.model_id}", "status", status=200, body=json.dumps(run_record).encode()
+            )
+            with pytest.raises(BadRequestError, match="LoRA layout"):
+                await proxied.create_training_client_from_state_with_optimizer_async(saved.path)
+            assert _loaded_runs(null_server) == before
+            restored = await service.create_training_client_from_state_async(saved.path)  # still works
+            assert _loaded_runs(null_server) == before | {restored.model_id}
+
+    with FaultProxy(null_server.url) as proxy:
+        run(lambda: main(proxy.url))
