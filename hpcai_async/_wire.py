@@ -15,6 +15,7 @@ the other way round):
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
@@ -24,6 +25,7 @@ from ._errors import APIStatusError, ConfigurationError, HpcaiError, error_for_s
 
 __all__ = (
     "ACCEPT_MSGPACK",
+    "Answer",
     "CHECKPOINT_SCHEMES",
     "INLINE_WAIT_HEADER",
     "INLINE_WAIT_MAX",
@@ -31,6 +33,7 @@ __all__ = (
     "MSGPACK",
     "MSGPACK_TYPES",
     "ParsedCheckpointPath",
+    "Request",
     "checkpoint_path_for",
     "decoder",
     "encode",
@@ -221,3 +224,29 @@ def parse_checkpoint_path(
 def checkpoint_path_for(run_id: str, checkpoint_id: str, kind: str, scheme: str = "hpcai://") -> str:
     """The path the hosted service writes for a checkpoint: ``hpcai://{run}/{weights|sampler_weights}/{id}``."""
     return f"{scheme}{run_id}/{_SEGMENTS[kind]}/{checkpoint_id}"
+
+
+# ------------------------------------------------------------------------------------------- exchanges
+
+
+class Request(NamedTuple):
+    """One HTTP request as plain data: what the client's ``send`` seam takes (no retries at that level)."""
+
+    method: str
+    path: str  # under the API root, e.g. "forward_backward"
+    data: bytes | None = None
+    headers: Mapping[str, str] = {}
+    params: Mapping[str, str | int] | None = None
+    read_timeout: float | None = None  # seconds for each read; None: the session's
+    # Where a 2xx body goes, block by block, instead of into ``Answer.payload`` (streamed downloads):
+    # ``sink(block, content_length)``, first with an empty block each time a body starts.
+    sink: Callable[[bytes, int | None], Awaitable[None]] | None = None
+
+
+class Answer(NamedTuple):
+    """An HTTP answer: of a request of its own, or of one request in a batch."""
+
+    status: int
+    payload: bytes
+    content_type: str
+    headers: Mapping[str, str]

@@ -7,7 +7,7 @@ import pytest
 
 import hpcai_async
 from hpcai_async import types
-from hpcai_async._http import backoff_delay, retry_after
+from hpcai_async._retry import backoff_delay, retry_after
 from hpcai_async._tokenizer import tokenizer_id
 from hpcai_async.rest import parse_checkpoint_path
 from hpcai_async.training import (

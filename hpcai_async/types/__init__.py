@@ -496,6 +496,7 @@ class ErrorResponse(Struct, kw_only=True):
     error: str
     message: str
     details: dict[str, Any] | None = None
+    code: str | None = None  # extension: a machine-readable reason, e.g. "sequence_conflict"
 
 
 class ForwardBackwardOutput(Struct, kw_only=True):
@@ -545,6 +546,7 @@ class GetInfoResponse(Struct, kw_only=True):
     is_lora: bool | None = None
     lora_rank: int | None = None
     model_name: str | None = None
+    next_seq_id: int | None = None  # extension ("seq_id"): the seq_id the model's next request must carry
 
 
 class SupportedModel(Struct, kw_only=True):
