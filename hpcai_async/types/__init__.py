@@ -3,8 +3,9 @@
 Structs mirror the official SDK's models field for field, so ``print(result)`` reads like the reference
 output. Fields that exist only in our protocol extensions (``seq_id``, ``weight_decay``, ...) default to
 ``UNSET`` and are never sent unless set. Tensor payloads (``TensorData.data``, ``EncodedTextChunk.tokens``)
-may hold a list, a numpy array or raw little-endian bytes; ``_tensor`` turns any of them into numpy without
-per-element Python work.
+are carried as a list, a numpy array or raw little-endian bytes (``.raw``; ``_tensor`` turns any of them into
+numpy without per-element Python work), and always *read* as a list of Python numbers, as in the official
+SDK. The official SDK's ``hpcai.types.<submodule>`` paths exist too (``_paths``).
 """
 
 from __future__ import annotations
