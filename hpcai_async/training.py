@@ -17,11 +17,8 @@ result.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar
 
 import msgspec
@@ -32,6 +29,7 @@ from ._http import Transport
 from ._loop import LoopBinding, blocking, on_client_loop, submit
 from ._retry import RetryConfig
 from ._sequence import Sequencer
+from ._tokenizer import load_tokenizer
 from ._wire import shorten as _shorten
 from .sampling import SamplingClient
 from .types import (
@@ -69,7 +67,6 @@ __all__ = (
     "chunk_data",
     "combine_metrics",
     "combine_outputs",
-    "tokenizer_id",
 )
 
 T = TypeVar("T")
@@ -218,49 +215,6 @@ def combine_outputs(results: Sequence[ForwardBackwardOutput]) -> ForwardBackward
     )
 
 
-# --------------------------------------------------------------------------------------------- tokenizers
-
-
-def tokenizer_id(model_name: str) -> str:
-    """The Hugging Face tokenizer for a served model name (the official client's rules, PROTOCOL.md §8.4)."""
-    if model_name.startswith("meta-llama/Llama-3"):
-        return "baseten/Meta-Llama-3-tokenizer"  # the ungated copy
-    if model_name.count("/") == 2:
-        org, model, _variant = model_name.split("/")
-        return f"{org}/{model}"
-    return model_name
-
-
-def _builtin_dir(model_name: str) -> Path | None:
-    """The folder of a model built into the package (its tokenizer ships with it), found without torch."""
-    try:
-        from .server import models  # light: no torch, no transformers
-
-        name, folder = models.BUILTIN_NAME, models.BUILTIN_DIR
-    except ImportError:  # a client without the server package
-        name, folder = "hpcai-async/tiny-qwen3", Path(__file__).parent / "server" / "builtin"
-    if model_name != name:
-        return None
-    return folder if (folder / "tokenizer.json").is_file() else None
-
-
-def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model_name``: shipped with a built-in model, in a local folder, or from the Hub."""
-    if importlib.util.find_spec("transformers") is None:
-        raise ConfigurationError(
-            "get_tokenizer needs the transformers package: pip install 'hpcai_async[transformers]'"
-        )
-    local = _builtin_dir(model_name) or (Path(model_name) if os.path.isdir(model_name) else None)
-    if local is not None and (local / "tokenizer.json").is_file():
-        # the fast tokenizer class alone: unlike AutoTokenizer it does not import torch
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(local))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(local) if local else tokenizer_id(model_name), use_fast=True)
-
-
 # --------------------------------------------------------------------------------------------- the client
 
 
@@ -288,7 +242,7 @@ class TrainingClient(QueueStateObserver):
         # sequence goes on from get_info's next_seq_id (read once, before the first request)
         self._first_seq_id = first_seq_id
         self._first_seq_task: asyncio.Task[int] | None = None
-        self._tokenizer: asyncio.Task[PreTrainedTokenizerBase] | None = None
+        self._tokenizer: asyncio.Future[PreTrainedTokenizerBase] | None = None
 
     @property
     def _binding(self) -> LoopBinding:
@@ -615,19 +569,42 @@ class TrainingClient(QueueStateObserver):
 
     @on_client_loop
     async def get_tokenizer_async(self) -> PreTrainedTokenizerBase:
-        """The Hugging Face tokenizer of the run's model (loaded once per client; needs ``transformers``)."""
+        """The Hugging Face tokenizer of the run's model (loaded once per client; needs ``transformers``).
+
+        The model is the client's ``base_model`` when it knows it, else the one ``get_info`` names. The
+        plain ``get_tokenizer()`` also works from ``async def`` code on the client's own loop: it then loads
+        the tokenizer in the calling thread, without the loop (see "Sync and async" in ``_loop``).
+        """
         task = self._tokenizer
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = self._tokenizer = asyncio.get_running_loop().create_task(self._load_tokenizer())
         return await asyncio.shield(task)
 
-    get_tokenizer = blocking(get_tokenizer_async)
+    def _tokenizer_without_loop(self) -> PreTrainedTokenizerBase:
+        """``get_tokenizer()`` on the client's own loop thread: the cached tokenizer, or a load right here."""
+        task = self._tokenizer
+        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+            return task.result()
+        if not self.base_model:
+            raise RuntimeError(
+                "get_tokenizer() was called on the event loop this client runs on, and this client does not "
+                "know its base model (it attached to a run by id): use `await get_tokenizer_async()`"
+            )
+        tokenizer = load_tokenizer(self.base_model)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(tokenizer)
+        self._tokenizer = done  # a done future serves as the task would
+        return tokenizer
+
+    get_tokenizer = blocking(get_tokenizer_async, without_loop=_tokenizer_without_loop)
 
     async def _load_tokenizer(self) -> PreTrainedTokenizerBase:
         # unordered, as the official client does: the tokenizer need not wait for queued training requests
-        body = ModelIdRequest(model_id=self.model_id)
-        info = await self._transport.request("POST", "get_info", GetInfoResponse, body=body)
-        name = info.model_data.model_name or info.model_name
+        name = self.base_model
+        if not name:
+            body = ModelIdRequest(model_id=self.model_id)
+            info = await self._transport.request("POST", "get_info", GetInfoResponse, body=body)
+            name = info.model_data.model_name or info.model_name
         if not name:
             raise APIError(f"get_info for {self.model_id} named no model, so there is no tokenizer to load")
         return await asyncio.to_thread(load_tokenizer, name)
@@ -639,7 +616,9 @@ class TrainingClient(QueueStateObserver):
             "unload_model", ModelIdRequest(model_id=self.model_id), UnloadModelResponse, "UnloadModel"
         )
 
-    unload_model = submit(unload_model_async)
+    # On the client's own loop the plain form is scheduled there (the cookbook calls it from __exit__ inside
+    # async code): it runs after everything called before it, and nothing after an unload can matter.
+    unload_model = submit(unload_model_async, unordered_after=True)
 
 
 class _Started(Generic[T]):
