@@ -5,9 +5,10 @@ when its coroutine starts, before its first ``await``, so call order is executio
 idempotency key ``{session}:{client}:{n}`` (PROTOCOL.md §4.1). Where the server lists ``"seq_id"`` in its
 capabilities, the request also carries ``seq_id = first + n`` (``first``: 1 for a new run, the run's
 ``next_seq_id`` for one this client attached to) and is sent at once, concurrently with the others, and the
-server restores the order (§4.2). A number that will not be sent is released at once. Otherwise request ``n`` is sent as soon as request ``n - 1`` has been acknowledged
-(its POST answered), never waiting for a previous *result*: a ``forward_backward`` and the ``optim_step``
-after it are both queued on the server before either finishes.
+server restores the order (§4.2). A number that will not be sent is released at once. Otherwise request
+``n`` is sent as soon as request ``n - 1`` has been acknowledged (its POST answered), never waiting for a
+previous *result*: a ``forward_backward`` and the ``optim_step`` after it are both queued on the server
+before either finishes.
 
 ``fut = await tc.forward_backward_async(...)`` returns an ``APIFuture`` once the request is on its way (in
 turn mode: once its POST was answered; in seq_id mode: at once), and its polling has started; ``await fut``
