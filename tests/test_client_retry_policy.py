@@ -72,7 +72,7 @@ def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
 
 def test_retry_config_has_the_official_defaults_and_checks_its_fields() -> None:
     config = RetryConfig()
-    assert (config.max_connections, config.progress_timeout) == (100, 1800)
+    assert (config.max_connections, config.progress_timeout) == (1000, 1800)
     assert (config.retry_delay_base, config.retry_delay_max, config.jitter_factor) == (0.5, 10.0, 0.25)
     assert config.enable_retry_logic is True
     policy = config.policy()
