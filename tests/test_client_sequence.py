@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from client_fixtures import HasURL, client, run, small_batch
+from fault_proxy import FaultProxy
 
 from hpcai_async import ConfigurationError, types
 from hpcai_async._errors import BadRequestError, IdempotencyConflictError, SequenceConflictError
@@ -207,3 +208,18 @@ def test_an_idempotency_key_reused_with_another_body_is_a_typed_error(null_serve
             assert time.monotonic() - started < 5  # not retried
 
     run(main)
+
+
+def test_the_client_never_sends_a_seq_id_beyond_the_servers_window(null_server: HasURL) -> None:
+    """The first request is held up on the way; the 1,100 called after it must not run past the window."""
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL)
+                proxy.inject("optim_step", "delay", delay=1.0)  # the first optim_step arrives late
+                futures = [await tc.optim_step_async(ADAM) for _ in range(1100)]
+                results = await asyncio.gather(*futures)
+                assert [r.metrics["step:max"] for r in results] == list(range(1, 1101))
+
+        run(main, timeout=60)
