@@ -13,6 +13,10 @@ retries. Above it ``call`` adds the client's policy (PROTOCOL.md §1, §3, §4):
 * bodies are JSON, or MessagePack with raw tensor bytes when the server lists ``"msgpack"`` (``_wire``);
 * with ``"batch"`` requests made while others are on the wire go together (``_batch``); with
   ``"inline_result"`` a submit's answer may carry its result; futures are long-polled (``_poll``).
+
+It is longer than most modules (~550 lines) because the one object every client shares is here whole: the
+session's life on whichever loop uses it, the server's capabilities, the seam, and the policy just above it.
+The decisions themselves live in ``_retry``, ``_wire``, ``_batch`` and ``_poll``.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ class RetryConfig:
     and decides on HTTP answers by status, whatever classes it names.
     """
 
-    max_connections: int = 100  # the official DEFAULT_CONNECTION_LIMITS.max_connections
+    max_connections: int = 1000  # the official DEFAULT_CONNECTION_LIMITS.max_connections
     progress_timeout: float = 30 * 60  # s: the official "very long straggler" bound
     retry_delay_base: float = 0.5  # s, the official INITIAL_RETRY_DELAY
     retry_delay_max: float = 10.0  # s, the official MAX_RETRY_DELAY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -162,11 +163,15 @@ class ServiceClient(QueueStateObserver):
         base_model: str,
         rank: int = 32,
         seed: int | None = None,
-        train_mlp: bool = True,
+        train_mlp: bool = False,
         train_attn: bool = True,
         train_unembed: bool = False,
     ) -> TrainingClient:
-        """Start a LoRA training run on ``base_model`` and return its TrainingClient."""
+        """Start a LoRA training run on ``base_model`` and return its TrainingClient.
+
+        The defaults are the official SDK's method defaults (attention layers only), so a ported script
+        trains the same adapters; ``types.LoraConfig``'s own field defaults differ (``train_mlp=True``).
+        """
         if not (train_mlp or train_attn or train_unembed):
             raise ConfigurationError("at least one of train_mlp, train_attn or train_unembed must be True")
         lora = LoraConfig(
@@ -196,12 +201,19 @@ class ServiceClient(QueueStateObserver):
         )
         return created.model_id
 
-    def create_training_client(self, model_id: str, base_model: str | None = None) -> TrainingClient:
+    def create_training_client(
+        self, model_id: str | None = None, base_model: str | None = None
+    ) -> TrainingClient:
         """A TrainingClient for an existing run ``model_id`` (no request is sent now).
 
         It continues the run's request sequence where it is (the server's ``next_seq_id``, read before its
         first request), so it never replays what another client of the run sent.
         """
+        if not model_id:
+            raise ConfigurationError(
+                "create_training_client needs the model_id of an existing run; "
+                "start a new run with create_lora_training_client(base_model, rank=...)"
+            )
         return TrainingClient(self._transport, model_id, base_model, first_seq_id=None)
 
     @on_client_loop
@@ -221,6 +233,7 @@ class ServiceClient(QueueStateObserver):
     )
 
     async def _from_state(self, path: str, *, optimizer: bool) -> TrainingClient:
+        """A new run shaped like the checkpoint's, loaded from it; unloaded again if the load fails."""
         run = await self.create_rest_client().get_training_run_by_checkpoint_path_async(path)
         if not run.is_lora or run.lora_rank is None:
             raise APIError(
@@ -238,11 +251,18 @@ class ServiceClient(QueueStateObserver):
             )
         else:
             client = await self.create_lora_training_client_async(run.base_model, rank=run.lora_rank)
-        if optimizer:
-            loaded = await client.load_state_with_optimizer_async(path)
-        else:
-            loaded = await client.load_state_async(path)
-        await loaded
+        try:
+            if optimizer:
+                loaded = await client.load_state_with_optimizer_async(path)
+            else:
+                loaded = await client.load_state_async(path)
+            await loaded
+        except BaseException:
+            # the run exists only for this restore: leave nothing loaded behind (as Tinkex does), then
+            # raise the load's own error; a failure to unload must not hide it
+            with contextlib.suppress(Exception):
+                await (await client.unload_model_async())
+            raise
         return client
 
     # ----------------------------------------------------------------------------------------- others

@@ -1,38 +1,48 @@
 """TrainingClient: ordered, pipelined training requests; chunked forward passes; custom losses; tokenizers.
 
-Ordering. Every training request takes its sequence number ``n`` (from 0, per TrainingClient) when its
-coroutine starts, before its first ``await``, so call order is execution order. ``n`` is in the idempotency
-key ``{session}:{client}:{n}`` (PROTOCOL.md §4.1). Where the server lists ``"seq_id"`` in its capabilities,
-the request also carries ``seq_id = n + 1`` and is sent at once, concurrently with the others, and the server
-restores the order (§4.2). Otherwise request ``n`` is sent as soon as request ``n - 1`` has been acknowledged
-(its POST answered), never waiting for a previous *result*: a ``forward_backward`` and the ``optim_step``
-after it are both queued on the server before either finishes.
+Ordering (``_sequence``). Every training request takes its sequence number ``n`` (from 0, per TrainingClient)
+when its coroutine starts, before its first ``await``, so call order is execution order. ``n`` is in the
+idempotency key ``{session}:{client}:{n}`` (PROTOCOL.md §4.1). Where the server lists ``"seq_id"`` in its
+capabilities, the request also carries ``seq_id = first + n`` (``first``: 1 for a new run, the run's
+``next_seq_id`` for one this client attached to) and is sent at once, concurrently with the others, and the
+server restores the order (§4.2). A number that will not be sent is released at once. Otherwise request
+``n`` is sent as soon as request ``n - 1`` has been acknowledged (its POST answered), never waiting for a
+previous *result*: a ``forward_backward`` and the ``optim_step`` after it are both queued on the server
+before either finishes.
 
 ``fut = await tc.forward_backward_async(...)`` returns an ``APIFuture`` once the request is on its way (in
 turn mode: once its POST was answered; in seq_id mode: at once), and its polling has started; ``await fut``
 gives the result. A request that was called is always sent: cancelling its future only stops the wait for the
-result.
+result. Checking, chunking and combining are pure functions in ``_chunks``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar
 
 import msgspec
 
-from ._errors import APIError, BadRequestError, ConfigurationError, NotFoundError
+from ._chunks import (
+    MAX_CHUNK_LEN,
+    MAX_CHUNK_NUMBER_COUNT,
+    CustomLossFn,
+    check_data,
+    chunk_data,
+    combine_metrics,
+    combine_outputs,
+    custom_count,
+    linearize,
+)
+from ._errors import APIError, NotFoundError
 from ._futures import APIFuture, QueueStateObserver
 from ._http import Transport
 from ._loop import LoopBinding, blocking, on_client_loop, submit
 from ._retry import RetryConfig
 from ._sequence import Sequencer
-from ._wire import shorten as _shorten
+from ._tokenizer import load_tokenizer
 from .sampling import SamplingClient
 from .types import (
     AdamParams,
@@ -51,13 +61,11 @@ from .types import (
     SaveWeightsForSamplerResponse,
     SaveWeightsRequest,
     SaveWeightsResponse,
-    TensorData,
     UnloadModelResponse,
     UntypedAPIFuture,
 )
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
 __all__ = (
@@ -69,18 +77,9 @@ __all__ = (
     "chunk_data",
     "combine_metrics",
     "combine_outputs",
-    "tokenizer_id",
 )
 
 T = TypeVar("T")
-
-# Chunking of forward / forward_backward, the official client's constants (PROTOCOL.md §8.1).
-MAX_CHUNK_LEN = 128  # datums per request
-MAX_CHUNK_NUMBER_COUNT = 500_000  # numbers (tokens + tensor values) per request
-
-CustomLossFn: TypeAlias = Callable[
-    [list[Datum], list["torch.Tensor"]], tuple["torch.Tensor", Mapping[str, float]]
-]
 
 # The extension flag that makes load_weights restore (or not) the optimizer state (PROTOCOL.md §8.7).
 _OPTIMIZER_FEATURE = "load_optimizer"
@@ -93,172 +92,6 @@ _Body: TypeAlias = (
     | SaveWeightsRequest
     | LoadWeightsRequest
 )
-
-
-# --------------------------------------------------------------------------------------------- chunks
-
-
-def chunk_data(data: Sequence[Datum], count: Callable[[Datum], int] | None = None) -> list[list[Datum]]:
-    """Split ``data`` into requests of at most 128 datums and 500 000 numbers (a bigger datum goes alone)."""
-    count = count or _num_numbers
-    chunks: list[list[Datum]] = []
-    current: list[Datum] = []
-    numbers = 0
-    for datum in data:
-        n = count(datum)
-        if current and (numbers + n > MAX_CHUNK_NUMBER_COUNT or len(current) == MAX_CHUNK_LEN):
-            chunks.append(current)
-            current, numbers = [], 0
-        current.append(datum)
-        numbers += n
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-_TOKEN_MAX = 2**63 - 1  # token ids travel as int64 (PROTOCOL.md §5)
-
-
-def check_data(data: Sequence[Datum], where: str = "data") -> None:
-    """The rules the client can check before it reserves a sequence number (the server's, written for it).
-
-    An empty batch is a ``BadRequestError``, as the server answers; a token id that is not a non-negative
-    64-bit integer is a ``ConfigurationError`` naming the datum and chunk (it could not even be encoded).
-    Lists are checked with ``min``/``max`` (C speed); arrays and raw bytes are int64 by construction.
-    """
-    if not data:
-        raise BadRequestError(f"{where}: the batch is empty; send at least one Datum", status=400)
-    for i, datum in enumerate(data):
-        for j, chunk in enumerate(datum.model_input.chunks):
-            tokens = getattr(chunk, "tokens", None)
-            if not isinstance(tokens, list) or not tokens:
-                continue
-            try:
-                low, high = min(tokens), max(tokens)
-                ok = low >= 0 and high <= _TOKEN_MAX
-            except TypeError:
-                ok = False
-            if not ok:
-                bad = next(
-                    (t for t in tokens if not isinstance(t, int) or not 0 <= t <= _TOKEN_MAX), tokens[0]
-                )
-                raise ConfigurationError(
-                    f"{where}[{i}].model_input.chunks[{j}].tokens: token ids are integers in [0, 2**63), got "
-                    f"{_shorten(bad)}; nothing was sent"
-                )
-
-
-def _num_numbers(datum: Datum) -> int:
-    return datum.num_numbers
-
-
-def _custom_count(datum: Datum) -> int:
-    # forward_backward_custom sends each datum twice: as given, then with target_tokens and weights only.
-    # Chunk by the larger of the two so both passes can use the same chunks (and the ids reserved for them).
-    target = datum.loss_fn_inputs.get("target_tokens")
-    second = datum.model_input.length + 2 * (target.size if target is not None else datum.model_input.length)
-    return max(datum.num_numbers, second)
-
-
-def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
-    total = sum(weights)
-    if total <= 0:
-        return sum(values) / len(values)
-    return sum(v * w for v, w in zip(values, weights, strict=True)) / total
-
-
-def combine_metrics(metrics: Sequence[Mapping[str, float]], weights: Sequence[float]) -> dict[str, float]:
-    """Combine the metrics of chunk results (PROTOCOL.md §8.2).
-
-    Only keys of the first chunk that every chunk has are kept; each is reduced by the suffix after its ``:``:
-    ``mean`` (weighted by ``weights``, the datums per chunk), ``sum``, ``min``, ``max``, ``slack`` (max minus
-    the weighted mean), ``unique`` (the first value under the key, later ones as ``key_1``, ``key_2`` ...) and
-    ``hash_unordered``. Unknown reductions are dropped; keys without exactly one ``:`` keep the first chunk's
-    value.
-    """
-    if not metrics:
-        return {}
-    first = metrics[0]
-    out: dict[str, float] = {}
-    for key, value in first.items():
-        if not all(key in m for m in metrics[1:]):
-            continue
-        if key.count(":") != 1:
-            out[key] = value
-            continue
-        values = [m[key] for m in metrics]
-        match key.split(":")[1]:
-            case "mean":
-                out[key] = _weighted_mean(values, weights)
-            case "sum":
-                out[key] = float(sum(values))
-            case "min":
-                out[key] = min(values)
-            case "max":
-                out[key] = max(values)
-            case "slack":
-                out[key] = max(values) - _weighted_mean(values, weights)
-            case "unique":
-                out[key] = values[0]
-                out.update({f"{key}_{i}": v for i, v in enumerate(values[1:], start=1)})
-            case "hash_unordered":
-                # the official client's order-insensitive hash of the (integer) per-chunk hashes
-                out[key] = hash(tuple(sorted(int(v) for v in values)))
-    return out
-
-
-def combine_outputs(results: Sequence[ForwardBackwardOutput]) -> ForwardBackwardOutput:
-    """One ForwardBackwardOutput from the results of the chunks of one call, in chunk order."""
-    if not results:
-        return ForwardBackwardOutput(loss_fn_output_type="", loss_fn_outputs=[], metrics={})
-    return ForwardBackwardOutput(
-        loss_fn_output_type=results[0].loss_fn_output_type,
-        loss_fn_outputs=[out for r in results for out in r.loss_fn_outputs],
-        metrics=combine_metrics([r.metrics for r in results], [len(r.loss_fn_outputs) for r in results]),
-    )
-
-
-# --------------------------------------------------------------------------------------------- tokenizers
-
-
-def tokenizer_id(model_name: str) -> str:
-    """The Hugging Face tokenizer for a served model name (the official client's rules, PROTOCOL.md §8.4)."""
-    if model_name.startswith("meta-llama/Llama-3"):
-        return "baseten/Meta-Llama-3-tokenizer"  # the ungated copy
-    if model_name.count("/") == 2:
-        org, model, _variant = model_name.split("/")
-        return f"{org}/{model}"
-    return model_name
-
-
-def _builtin_dir(model_name: str) -> Path | None:
-    """The folder of a model built into the package (its tokenizer ships with it), found without torch."""
-    try:
-        from .server import models  # light: no torch, no transformers
-
-        name, folder = models.BUILTIN_NAME, models.BUILTIN_DIR
-    except ImportError:  # a client without the server package
-        name, folder = "hpcai-async/tiny-qwen3", Path(__file__).parent / "server" / "builtin"
-    if model_name != name:
-        return None
-    return folder if (folder / "tokenizer.json").is_file() else None
-
-
-def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model_name``: shipped with a built-in model, in a local folder, or from the Hub."""
-    if importlib.util.find_spec("transformers") is None:
-        raise ConfigurationError(
-            "get_tokenizer needs the transformers package: pip install 'hpcai_async[transformers]'"
-        )
-    local = _builtin_dir(model_name) or (Path(model_name) if os.path.isdir(model_name) else None)
-    if local is not None and (local / "tokenizer.json").is_file():
-        # the fast tokenizer class alone: unlike AutoTokenizer it does not import torch
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(local))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(local) if local else tokenizer_id(model_name), use_fast=True)
 
 
 # --------------------------------------------------------------------------------------------- the client
@@ -288,7 +121,7 @@ class TrainingClient(QueueStateObserver):
         # sequence goes on from get_info's next_seq_id (read once, before the first request)
         self._first_seq_id = first_seq_id
         self._first_seq_task: asyncio.Task[int] | None = None
-        self._tokenizer: asyncio.Task[PreTrainedTokenizerBase] | None = None
+        self._tokenizer: asyncio.Future[PreTrainedTokenizerBase] | None = None
 
     @property
     def _binding(self) -> LoopBinding:
@@ -491,7 +324,7 @@ class TrainingClient(QueueStateObserver):
         """
         data = list(data)
         check_data(data)
-        chunks = chunk_data(data, _custom_count)
+        chunks = chunk_data(data, custom_count)
         first = self._seq.reserve(2 * len(chunks))
         forward = self._start_chunks(first, "forward", chunks, "cross_entropy")
         forward_result = self._transport.spawn(self._combined(forward))
@@ -513,7 +346,7 @@ class TrainingClient(QueueStateObserver):
     ) -> ForwardBackwardOutput:
         try:
             outputs = await forward
-            linear, metrics = _linearize(data, outputs, loss_fn)
+            linear, metrics = linearize(data, outputs, loss_fn)
         except BaseException:
             self._abandon(first, len(chunks))
             raise
@@ -615,19 +448,42 @@ class TrainingClient(QueueStateObserver):
 
     @on_client_loop
     async def get_tokenizer_async(self) -> PreTrainedTokenizerBase:
-        """The Hugging Face tokenizer of the run's model (loaded once per client; needs ``transformers``)."""
+        """The Hugging Face tokenizer of the run's model (loaded once per client; needs ``transformers``).
+
+        The model is the client's ``base_model`` when it knows it, else the one ``get_info`` names. The
+        plain ``get_tokenizer()`` also works from ``async def`` code on the client's own loop: it then loads
+        the tokenizer in the calling thread, without the loop (see "Sync and async" in ``_loop``).
+        """
         task = self._tokenizer
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = self._tokenizer = asyncio.get_running_loop().create_task(self._load_tokenizer())
         return await asyncio.shield(task)
 
-    get_tokenizer = blocking(get_tokenizer_async)
+    def _tokenizer_without_loop(self) -> PreTrainedTokenizerBase:
+        """``get_tokenizer()`` on the client's own loop thread: the cached tokenizer, or a load right here."""
+        task = self._tokenizer
+        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+            return task.result()
+        if not self.base_model:
+            raise RuntimeError(
+                "get_tokenizer() was called on the event loop this client runs on, and this client does not "
+                "know its base model (it attached to a run by id): use `await get_tokenizer_async()`"
+            )
+        tokenizer = load_tokenizer(self.base_model)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(tokenizer)
+        self._tokenizer = done  # a done future serves as the task would
+        return tokenizer
+
+    get_tokenizer = blocking(get_tokenizer_async, without_loop=_tokenizer_without_loop)
 
     async def _load_tokenizer(self) -> PreTrainedTokenizerBase:
         # unordered, as the official client does: the tokenizer need not wait for queued training requests
-        body = ModelIdRequest(model_id=self.model_id)
-        info = await self._transport.request("POST", "get_info", GetInfoResponse, body=body)
-        name = info.model_data.model_name or info.model_name
+        name = self.base_model
+        if not name:
+            body = ModelIdRequest(model_id=self.model_id)
+            info = await self._transport.request("POST", "get_info", GetInfoResponse, body=body)
+            name = info.model_data.model_name or info.model_name
         if not name:
             raise APIError(f"get_info for {self.model_id} named no model, so there is no tokenizer to load")
         return await asyncio.to_thread(load_tokenizer, name)
@@ -639,7 +495,9 @@ class TrainingClient(QueueStateObserver):
             "unload_model", ModelIdRequest(model_id=self.model_id), UnloadModelResponse, "UnloadModel"
         )
 
-    unload_model = submit(unload_model_async)
+    # On the client's own loop the plain form is scheduled there (the cookbook calls it from __exit__ inside
+    # async code): it runs after everything called before it, and nothing after an unload can matter.
+    unload_model = submit(unload_model_async, unordered_after=True)
 
 
 class _Started(Generic[T]):
@@ -652,44 +510,6 @@ class _Started(Generic[T]):
         self.outcome = outcome
 
 
-def _linearize(
-    data: list[Datum], forward: ForwardBackwardOutput, loss_fn: CustomLossFn
-) -> tuple[list[Datum], dict[str, float]]:
-    """Turn a custom loss into cross-entropy weights: ``w = -d loss / d logprobs`` (PROTOCOL.md §8.3)."""
-    import torch
-
-    if len(forward.loss_fn_outputs) != len(data):
-        raise APIError(
-            f"the forward pass returned {len(forward.loss_fn_outputs)} outputs for {len(data)} datums"
-        )
-    logprobs = [
-        torch.tensor(out["logprobs"].to_numpy(), dtype=torch.float32, requires_grad=True)
-        for out in forward.loss_fn_outputs
-    ]
-    loss, metrics = loss_fn(data, logprobs)
-    loss.backward()
-    linear = []
-    for datum, lp in zip(data, logprobs, strict=True):
-        if "target_tokens" not in datum.loss_fn_inputs:
-            raise ConfigurationError(
-                "forward_backward_custom needs loss_fn_inputs['target_tokens'] in every datum"
-            )
-        grad = lp.grad if lp.grad is not None else torch.zeros_like(lp)  # a datum the loss does not use
-        weights = TensorData.from_numpy((-grad).detach().numpy().astype("float32"))
-        linear.append(
-            Datum(
-                model_input=datum.model_input,
-                loss_fn_inputs={"target_tokens": datum.loss_fn_inputs["target_tokens"], "weights": weights},
-            )
-        )
-    return linear, {key: float(_detached(value)) for key, value in metrics.items()}
-
-
 def _ignore_outcome(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved: a failed filler changes nothing for the caller
-
-
-def _detached(value: Any) -> Any:
-    detach = getattr(value, "detach", None)  # a torch tensor metric: no autograd warning on float()
-    return detach() if callable(detach) else value

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 from client_fixtures import HasURL, client, run, small_batch
+from fault_proxy import FaultProxy
 
 from hpcai_async import ConfigurationError, types
-from hpcai_async._errors import BadRequestError, SequenceConflictError
+from hpcai_async._errors import BadRequestError, IdempotencyConflictError, SequenceConflictError
 from hpcai_async._sequence import Sequencer
 from hpcai_async.training import TrainingClient
 
@@ -189,3 +190,36 @@ def test_far_more_requests_than_the_window_all_run_in_order(null_server: HasURL)
             assert [r.metrics["step:max"] for r in results] == list(range(1, 101))
 
     run(main)
+
+
+def test_an_idempotency_key_reused_with_another_body_is_a_typed_error(null_server: HasURL) -> None:
+    async def main() -> None:
+        async with client(null_server) as service:
+            transport = service._transport
+            await service.get_server_capabilities_async()  # binds the client to this loop
+            lora = types.LoraConfig(rank=4)
+            body = types.CreateModelRequest(base_model=NULL_MODEL, lora_config=lora)
+            await transport.call("POST", "create_model", body=body, key="key-1")
+            other = types.CreateModelRequest(base_model=NULL_MODEL, lora_config=types.LoraConfig(rank=8))
+            started = time.monotonic()
+            with pytest.raises(IdempotencyConflictError) as info:
+                await transport.call("POST", "create_model", body=other, key="key-1")
+            assert info.value.status == 409 and info.value.code == "idempotency_conflict"
+            assert time.monotonic() - started < 5  # not retried
+
+    run(main)
+
+
+def test_the_client_never_sends_a_seq_id_beyond_the_servers_window(null_server: HasURL) -> None:
+    """The first request is held up on the way; the 1,100 called after it must not run past the window."""
+    with FaultProxy(null_server.url) as proxy:
+
+        async def main() -> None:
+            async with client(null_server, base_url=proxy.url) as service:
+                tc = await service.create_lora_training_client_async(NULL_MODEL)
+                proxy.inject("optim_step", "delay", delay=1.0)  # the first optim_step arrives late
+                futures = [await tc.optim_step_async(ADAM) for _ in range(1100)]
+                results = await asyncio.gather(*futures)
+                assert [r.metrics["step:max"] for r in results] == list(range(1, 1101))
+
+        run(main, timeout=60)

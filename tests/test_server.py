@@ -391,7 +391,7 @@ def test_msgpack_round_trip_with_raw_tensor_bytes(null_server: LocalServer) -> N
         assert status == 200
         result = msgspec.msgpack.decode(msgspec.msgpack.encode(out), type=types.ForwardBackwardOutput)
         logprobs = result.loss_fn_outputs[0]["logprobs"]
-        assert isinstance(logprobs.data, bytes) and len(logprobs.data) == 7 * 4  # raw float32, not a list
+        assert isinstance(logprobs.raw, bytes) and len(logprobs.raw) == 7 * 4  # raw float32, not a list
         assert logprobs.to_numpy().shape == (7,)
         # errors follow the negotiated codec too
         status, out = await w.post("forward_backward", {**req, "model_id": "nope"}, msgpack=True)

@@ -188,7 +188,7 @@ def _tokens(chunks: list[Any], where: str, vocab_size: int) -> npt.NDArray[np.in
                 "encoded_text chunks of token ids (supported chunk types: encoded_text)"
             )
         parts.append(
-            _in_vocab(_array(chunk.tokens, "int64", None, f"{what}.tokens"), f"{what}.tokens", vocab_size)
+            _in_vocab(_array(chunk.raw, "int64", None, f"{what}.tokens"), f"{what}.tokens", vocab_size)
         )
     if len(parts) == 1:
         return parts[0]
@@ -252,7 +252,7 @@ def _loss_inputs(
         what = f"{at}.loss_fn_inputs.{key}"
         if tensor.dtype != dtype:
             raise BadRequestError(f"{what}: dtype must be {dtype}, got {_quote(tensor.dtype)}")
-        arr = _array(tensor.data, tensor.dtype, tensor.shape, what)
+        arr = _array(tensor.raw, tensor.dtype, tensor.shape, what)
         if arr.size != n:
             raise BadRequestError(
                 f"{what}: {arr.size} values, but model_input has {n} tokens; per-token inputs are "
