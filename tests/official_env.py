@@ -1,7 +1,8 @@
 """Where the official hpcai 0.2.0 SDK is installed, for the tests that compare us with it.
 
-``official_python()`` is the one place the tests ask. For now it is ``$HPCAI_OFFICIAL_PYTHON`` or the
-machine's prepared venv; the cached venv builder that CI uses takes this function over.
+``official_python()`` is the one place the tests ask. For now it is ``$HPCAI_OFFICIAL_PYTHON``, the
+benchmark's venv (``bench/.venv-official``, made by ``python -m bench``) or the machine's prepared one; the
+cached venv builder that CI uses takes this function over.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import Any
 
 __all__ = ("official_python", "run_official")
 
-_PREPARED = Path("/work/ref/venv-official/bin/python")
+_CANDIDATES = (
+    Path(__file__).resolve().parent.parent / "bench" / ".venv-official" / "bin" / "python",
+    Path("/work/ref/venv-official/bin/python"),
+)
 
 
 def official_python() -> str | None:
@@ -22,7 +26,7 @@ def official_python() -> str | None:
     configured = os.environ.get("HPCAI_OFFICIAL_PYTHON")
     if configured:
         return configured
-    return str(_PREPARED) if _PREPARED.is_file() else None
+    return next((str(p) for p in _CANDIDATES if p.is_file()), None)
 
 
 def run_official(python: str, script: str, *args: str, timeout: float = 120.0) -> Any:

@@ -68,7 +68,8 @@ def defined(mod):
 interfaces = {m.name: defined(importlib.import_module(f"{pi.__name__}.{m.name}"))
               for m in pkgutil.iter_modules(pi.__path__)}
 print(json.dumps({"all": list(hpcai.__all__), "sigs": sigs, "fields": fields, "methods": methods,
-                  "modules": modules,
+                  "modules": modules, "types": [n for n in dir(hpcai.types) if not n.startswith("_")
+                                                and not inspect.ismodule(getattr(hpcai.types, n))],
                   "interfaces": {"": list(pi.__all__), **interfaces}}))
 """
 
@@ -180,6 +181,14 @@ def test_every_official_top_level_name_is_exported(official: dict[str, Any]) -> 
             assert getattr(hpcai_async, name) is getattr(types, name), name  # one implementation
 
 
+def test_every_official_types_name_is_ours(official: dict[str, Any]) -> None:
+    names = [n for n in official["types"] if n != "annotations"]  # its `from __future__ import annotations`
+    missing = [n for n in names if not _type_gap(n) and not hasattr(types, n)]
+    assert not missing
+    unlisted = [n for n in names if hasattr(types, n) and n not in types.__all__]
+    assert not unlisted  # what the official package offers, ours lists
+
+
 def test_every_official_types_submodule_imports_from_ours(official: dict[str, Any]) -> None:
     problems = []
     for path, names in official["modules"].items():
@@ -246,6 +255,7 @@ def _plain(value: Any) -> Any:
 
 PUBLIC_MODULES = [
     "hpcai_async",
+    "hpcai_async.cli",
     "hpcai_async.types",
     "hpcai_async.checkpoint_utils",
     "hpcai_async.lib.public_interfaces",

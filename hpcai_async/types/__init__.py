@@ -102,6 +102,9 @@ _KEY_DTYPES: dict[str, TensorDtype] = {
 # ---------------------------------------------------------------------------------------- tensors and inputs
 
 
+_WIRE_DTYPES = _tensor.DTYPES  # numpy is imported here anyway: look the table up once, not per struct
+
+
 def _owned(value: Any, dtype: TensorDtype, what: str) -> Any:
     """A payload the struct owns: lists and tuples copied to a list, arrays copied, bytes kept (immutable).
 
@@ -111,7 +114,7 @@ def _owned(value: Any, dtype: TensorDtype, what: str) -> Any:
     if isinstance(value, list | tuple):
         return list(value)
     if isinstance(value, np.ndarray):
-        if value.dtype == _tensor.DTYPES.get(dtype):
+        if value.dtype == _WIRE_DTYPES.get(dtype):
             return value.copy()
         return _tensor.as_array(value, dtype, what=what)  # a conversion is a copy already
     if isinstance(value, bytearray | memoryview):
@@ -205,7 +208,7 @@ class TensorData(Struct, kw_only=True, gc=False):
         if isinstance(data, np.ndarray):
             return int(data.size)
         if isinstance(data, bytes):
-            return len(data) // _tensor.DTYPES[self.dtype].itemsize
+            return len(data) // _WIRE_DTYPES[self.dtype].itemsize
         return len(data)
 
     def __repr__(self) -> str:
