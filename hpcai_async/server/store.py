@@ -401,11 +401,12 @@ class Store:
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
         ref = self.get_checkpoint(run_id, checkpoint_id)
         trash = self.tmp_dir / f"del-{uuid.uuid4().hex}"
-        with self._lock:
-            try:
+        try:
+            with self._lock:
                 os.rename(ref.directory, trash)  # gone from listings at once; the files go below
-            except FileNotFoundError:  # a concurrent delete of the same checkpoint won
-                raise self._no_checkpoint(run_id, checkpoint_id) from None
+        except FileNotFoundError:  # a concurrent delete of the same checkpoint won
+            # raised outside the lock: building the message lists the run's checkpoints, which takes it
+            raise self._no_checkpoint(run_id, checkpoint_id) from None
         shutil.rmtree(
             trash, ignore_errors=True
         )  # never follows links: a link inside is unlinked, not entered
