@@ -34,6 +34,7 @@ from ._errors import (
     RetryBudgetExceededError,
     SequenceConflictError,
     UnprocessableEntityError,
+    UnsupportedFeatureError,
 )
 from ._futures import APIFuture, QueueState
 from ._retry import RetryConfig
@@ -118,6 +119,7 @@ __all__ = (
     "TrainingClient",
     "TrainingRun",
     "UnprocessableEntityError",
+    "UnsupportedFeatureError",
     "__title__",
     "__version__",
     "types",

@@ -2,6 +2,7 @@
 
     HpcaiError
     ├── ConfigurationError        (ValueError)    bad arguments or environment, raised before any request
+    ├── UnsupportedFeatureError   (NotImplementedError)  the server lacks a feature (nothing was sent)
     ├── APIError                                  anything the service or the transport said
     │   ├── APIConnectionError    (OSError)       could not reach the service, or the connection broke
     │   │   └── APITimeoutError   (TimeoutError)  a request or a wait ran past its time
@@ -48,6 +49,7 @@ __all__ = (
     "RetryBudgetExceededError",
     "SequenceConflictError",
     "UnprocessableEntityError",
+    "UnsupportedFeatureError",
     "error_for_status",
 )
 
@@ -58,6 +60,19 @@ class HpcaiError(Exception):
 
 class ConfigurationError(HpcaiError, ValueError):
     """Bad arguments or environment, found before anything was sent."""
+
+
+class UnsupportedFeatureError(HpcaiError, NotImplementedError):
+    """The server does not advertise a feature the call needs (``get_server_capabilities``); nothing was sent.
+
+    ``feature`` names it, as the server's capabilities list would."""
+
+    def __init__(self, feature: str, message: str) -> None:
+        super().__init__(message)
+        self.feature = feature
+
+    def __reduce__(self) -> tuple[type[UnsupportedFeatureError], tuple[str, str]]:
+        return (type(self), (self.feature, str(self)))
 
 
 class APIError(HpcaiError):

@@ -42,6 +42,7 @@ from ._errors import (
     ConfigurationError,
     NotFoundError,
     PermissionDeniedError,
+    UnsupportedFeatureError,
     error_for_status,
 )
 from ._loop import LoopBinding, close_at_exit
@@ -316,6 +317,16 @@ class Transport:
             self._features = frozenset()  # a server without the endpoint speaks the plain protocol
         assert self._features is not None
         return self._features
+
+    async def require(self, feature: str, what: str) -> None:
+        """Raise ``UnsupportedFeatureError`` unless the server advertises ``feature`` (``what`` needs it)."""
+        if feature not in await self.features():
+            raise UnsupportedFeatureError(
+                feature,
+                f"{what} needs the server feature {feature!r}, which {self.base_url} does not advertise "
+                "(the hosted HPC-AI service has none of the local server's extensions; run it against "
+                "hpcai_async.server, or do without it)",
+            )
 
     # ----------------------------------------------------------------------------------------- the seam
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import time
+from typing import Any
 
 import msgspec
 import pytest
@@ -187,6 +188,24 @@ def test_extensions_are_used_only_when_advertised(null_server: HasURL) -> None:
                 assert req.headers["content-type"] == "application/json"
     assert [b["seq_id"] for b in bodies] == [1, 2, 3]
     assert len(proxy.find("get_server_capabilities")) == 1  # fetched once per ServiceClient
+
+
+def test_a_feature_the_server_lacks_is_refused_before_sending(server_factory: Any) -> None:
+    import pickle
+
+    hosted = server_factory(dialect="hosted")
+
+    async def main() -> None:
+        async with client(hosted) as service:
+            assert (await service.get_server_capabilities_async()).features == []
+            await service._transport.require("long_poll", "a test")  # advertised by neither: refused
+            pytest.fail("require() passed a feature the server does not advertise")
+
+    with pytest.raises(hpcai_async.UnsupportedFeatureError, match="'long_poll'") as info:
+        run(main)
+    assert info.value.feature == "long_poll" and isinstance(info.value, NotImplementedError)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert (again.feature, str(again)) == ("long_poll", str(info.value))
 
 
 # ----------------------------------------------------------------------------------------- official keywords
