@@ -33,7 +33,16 @@ from .service import Call, Service
 
 __all__ = ("DIALECTS", "FEATURES", "SCHEDULER", "SERVICE", "build_app")
 
-FEATURES = ["seq_id", "msgpack", "long_poll", "load_optimizer", "inline_result", "batch"]
+# The protocol extensions of the local server, one a line (a feature's client checks it with
+# Transport.require before sending anything that needs it).
+FEATURES = [
+    "seq_id",
+    "msgpack",
+    "long_poll",
+    "load_optimizer",
+    "inline_result",
+    "batch",
+]
 # What each dialect advertises: "local" is ours (every extension); "hosted" advertises what the hosted HPC-AI
 # service does (none), so a client talks to it exactly as to the hosted service (benchmarks, compatibility).
 DIALECTS: dict[str, list[str]] = {"local": FEATURES, "hosted": []}
