@@ -1,9 +1,12 @@
 """200 pipelined forward_backward + optim_step calls whose results are ready at once: calls per second.
 
-Server: the LocalServer with the NullEngine (every job done instantly, nothing computed), shared by both
-SDKs in the same run. Each round submits 200 forward_backward calls (one 128-token datum each) interleaved
-with 200 optim_step calls without waiting, then waits for all 400 results; calls/s = 400 / round time.
-Median of several rounds after a warm-up round.
+Server: the LocalServer with the NullEngine (every job done instantly, nothing computed), in the hosted
+dialect (no extensions: what the hosted service offers; the official SDK and the floor run here) and in the
+local one (every extension: ours then sends the burst as a few ``POST batch`` requests, results inline). Each
+round submits 200 forward_backward calls (one 128-token datum each) interleaved with 200 optim_step calls
+without waiting, then waits for all 400 results; calls/s = 400 / round time. Median of several rounds after a
+warm-up round. The floor (``bench._floor.pipeline``) is the same round in bare aiohttp: each submit once the
+previous one returned, its poll started at once.
 
 - ours: ``await tc.forward_backward_async(...)`` / ``await tc.optim_step_async(...)`` (each returns once
   submitted in order), then ``asyncio.gather`` of the 400 futures.
@@ -19,9 +22,11 @@ import time
 from typing import Any
 
 from bench import _official
-from bench._common import median, report, row, run_async
+from bench._common import errors, median, meets, report, row, run_async
 
-TARGET = 10.0
+TARGET = 5.0  # hosted mode, x official (issue 13)
+TARGET_FLOOR = 0.8  # hosted mode, x the bare-aiohttp floor
+TARGET_LOCAL = 10.0  # local mode (every extension), x official: today's target, kept
 CALLS = 200
 TOKENS = 128
 
@@ -100,25 +105,36 @@ def official(calls: int = CALLS, rounds: int = 5, model: str = "") -> dict[str, 
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    from bench._servers import null_server
+    from bench._servers import MODES, null_server
 
     cfg: dict[str, Any] = {"calls": 20, "rounds": 2} if quick else {}
-    with null_server() as srv:
-        o = _official.run_ours("pipeline", "ours", {**srv.cfg(), **cfg})
-        f = {} if quick else _official.run("pipeline", "official", {**cfg, "model": srv.model}, env=srv.env())
-    notes = [f"{side}: {r['error']}" for side, r in (("ours", o), ("official", f)) if "error" in r]
-    notes.append(f"server: {srv.label}")
+    ours: dict[str, dict[str, Any]] = {}
+    for mode in MODES:
+        with null_server(mode) as srv:
+            ours[mode] = _official.run_ours("pipeline", "ours", {**srv.cfg(), **cfg})
+            if mode == "hosted":
+                floor = _official.run_ours("_floor", "pipeline", {**srv.cfg(), **cfg})
+                f = (
+                    {}
+                    if quick
+                    else _official.run("pipeline", "official", {**cfg, "model": srv.model}, env=srv.env())
+                )
+                label = srv.label
+    notes = errors(ours_hosted=ours["hosted"], ours_local=ours["local"], official=f, floor=floor)
+    notes.append(f"floor: bare aiohttp, the same submits and polls; server: {label}")
     r = row(
         f"{cfg.get('calls', CALLS)} pipelined forward_backward + optim_step",
         "calls/s",
-        o.get("calls_per_s"),
+        ours["hosted"].get("calls_per_s"),
         f.get("calls_per_s"),
-        f"≥ {TARGET:.0f}x official",
+        f"hosted ≥ {TARGET:.0f}x official and ≥ {TARGET_FLOOR}x floor; local ≥ {TARGET_LOCAL:.0f}x official",
         None,
         better="higher",
         note="; ".join(notes),
+        local=ours["local"].get("calls_per_s"),
+        floor=floor.get("calls_per_s"),
     )
-    r["ok"] = None if r["ratio"] is None else r["ratio"] >= TARGET
+    r["ok"] = meets(r, TARGET, TARGET_FLOOR, TARGET_LOCAL)
     return [r]
 
 
