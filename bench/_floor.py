@@ -86,7 +86,7 @@ def pipeline(url: str, api_key: str, model: str, calls: int = 200, rounds: int =
 
     datum = _datum_json(128)
 
-    async def main() -> list[float]:
+    async def main() -> list[tuple[float, float]]:
         async with await _session(api_key) as session:
             aio = _Aio(session, url)
             model_id = await _create_model(aio, model)
@@ -96,23 +96,24 @@ def pipeline(url: str, api_key: str, model: str, calls: int = 200, rounds: int =
             }
             opt = {"adam_params": {"learning_rate": 1e-4}, "model_id": model_id}
 
-            async def one_round(n: int) -> float:
-                t0 = time.perf_counter()
+            async def one_round(n: int) -> tuple[float, float]:
+                t0, c0 = time.perf_counter(), time.process_time()
                 polls = []
                 for _ in range(n):
                     for path, body in (("forward_backward", fb), ("optim_step", opt)):
                         rid = (await aio.post(path, body))["request_id"]
                         polls.append(asyncio.ensure_future(aio.result(rid, model_id)))
                 results = await asyncio.gather(*polls)
-                dt = time.perf_counter() - t0
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
                 assert len(results) == 2 * n and results[0]["loss_fn_outputs"]
-                return dt
+                return dt, cpu
 
             await one_round(max(10, calls // 4))
             return [await one_round(calls) for _ in range(rounds)]
 
-    times = run_async(main())
-    return {"calls_per_s": 2 * calls / median(times)}
+    from bench.pipeline import _result
+
+    return _result(run_async(main()), calls)
 
 
 def _sample_body(model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
@@ -241,10 +242,13 @@ def latency(url: str, api_key: str, model: str, n: int = 15, warmup: int = 3) ->
     }
     fb = {"forward_backward_input": {"data": [datum], "loss_fn": "cross_entropy"}, "model_id": model_id}
     out = []
-    for i in range(warmup + n):
-        t0 = time.perf_counter()
-        result = conn.call("forward_backward", fb, model_id)
-        if i >= warmup:
-            out.append(time.perf_counter() - t0)
-        assert "loss_fn_outputs" in result, result
+    try:
+        for i in range(warmup + n):
+            t0 = time.perf_counter()
+            result = conn.call("forward_backward", fb, model_id)
+            if i >= warmup:
+                out.append(time.perf_counter() - t0)
+            assert "loss_fn_outputs" in result, result
+    finally:
+        conn.conn.close()
     return {"ms": median(out) * 1e3}
