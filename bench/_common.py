@@ -274,7 +274,10 @@ def _fmt(x: float | None) -> str:
 
 
 def _x(ratio: float | None, digits: int = 1) -> str:
-    return "—" if ratio is None else f"{ratio:.{digits}f}x"
+    """A ratio as ``12.3x``; below 1 with two decimals (``0.04x``), so a loss never reads as ``0.0x``."""
+    if ratio is None:
+        return "—"
+    return f"{ratio:.{max(digits, 2) if ratio < 1 else digits}f}x"
 
 
 def table(rows: list[dict[str, Any]]) -> str:

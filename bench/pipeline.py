@@ -6,7 +6,7 @@ local one (every extension: ours then sends the burst as a few ``POST batch`` re
 round submits 200 forward_backward calls (one 128-token datum each) interleaved with 200 optim_step calls
 without waiting, then waits for all 400 results; calls/s = 400 / round time. Median of several rounds after a
 warm-up round. The floor (``bench._floor.pipeline``) is the same round in bare aiohttp: each submit once the
-previous one returned, its poll started at once.
+previous one returned, the polls started at once or after the last submit, whichever was faster.
 
 - ours: ``await tc.forward_backward_async(...)`` / ``await tc.optim_step_async(...)`` (each returns once
   submitted in order), then ``asyncio.gather`` of the 400 futures.
@@ -129,7 +129,10 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 )
                 label = srv.label
     notes = errors(ours_hosted=ours["hosted"], ours_local=ours["local"], official=f, floor=floor)
-    notes.append(f"floor: bare aiohttp, the same submits and polls; server: {label}")
+    if "ways" in floor:
+        ways = ", ".join(f"{w} {v:,.0f}" for w, v in floor["ways"].items())
+        notes.append(f"floor: bare aiohttp, the same submits and polls, polls started eager/after ({ways})")
+    notes.append(f"server: {label}")
     r = row(
         f"{cfg.get('calls', CALLS)} pipelined forward_backward + optim_step",
         "calls/s",
