@@ -367,3 +367,16 @@ def meets(
     if local_x is not None and r.get("local_ratio") is not None:
         ok = ok and r["local_ratio"] >= local_x
     return ok
+
+
+def best_of(runs: Sequence[dict[str, Any]], key: str, better: str = "higher") -> dict[str, Any]:
+    """The run with the best ``key`` among interleaved runs of one side (a failed run only if all failed).
+
+    Ours and its floor run as A B A B against the same server and each keeps its better run, so a burst of
+    load from other work on the machine during one run does not decide the ours/floor ratio.
+    """
+    good = [r for r in runs if r.get(key) is not None]
+    if not good:
+        return runs[-1]
+    pick = max if better == "higher" else min
+    return pick(good, key=lambda r: r[key])
