@@ -5,8 +5,9 @@ CPU, one torch thread as in ``bench.engine``), in the hosted dialect (the offici
 one (ours). One iteration:
 
 1. new sampler weights: ``save_weights_and_get_sampling_client`` (the policy just trained);
-2. 16 prompts (16 fixed token ids each) x 8 samples of 16 tokens (temperature 1, no stop): one ``sample``
-   request per prompt with ``num_samples=8``, all 16 in flight together;
+2. 16 prompts (16 fixed token ids each) x 8 samples of exactly 16 tokens (temperature 1, ``stop=[]``: not
+   even EOS ends a sample early): one ``sample`` request per prompt with ``num_samples=8``, all 16 in flight
+   together;
 3. a reward per sample computed from its tokens (the share of even token ids: no tokenizer, no meaning; only
    the bookkeeping an RL loop does), advantages normalised within each group of 8;
 4. ``forward_backward`` with ``importance_sampling`` over the 128 sequences (target tokens, the sampler's
@@ -78,7 +79,7 @@ def ours(
     from bench._common import run_async
     from hpcai_async import ServiceClient, types
 
-    params = types.SamplingParams(max_tokens=TOKENS, temperature=1.0, seed=0)
+    params = types.SamplingParams(max_tokens=TOKENS, temperature=1.0, seed=0, stop=[])
     adam = types.AdamParams(learning_rate=LR)
     prompt_ids = _prompts(prompts)
     inputs = [types.ModelInput.from_ints(p) for p in prompt_ids]
@@ -105,6 +106,7 @@ def ours(
                 result = await fb
                 await opt
                 assert len(result.loss_fn_outputs) == prompts * SAMPLES
+                assert all(len(s.tokens) == TOKENS for r in responses for s in r.sequences)
                 return time.perf_counter() - t0
 
             await iteration(0)  # warm-up
@@ -118,7 +120,7 @@ def official(model: str = MODEL, prompts: int = PROMPTS, iterations: int = 10) -
     import hpcai
     from hpcai import types
 
-    params = types.SamplingParams(max_tokens=TOKENS, temperature=1.0, seed=0)
+    params = types.SamplingParams(max_tokens=TOKENS, temperature=1.0, seed=0, stop=[])
     adam = types.AdamParams(learning_rate=LR)
     prompt_ids = _prompts(prompts)
     inputs = [types.ModelInput.from_ints(p) for p in prompt_ids]
