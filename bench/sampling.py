@@ -98,15 +98,16 @@ def official(url: str, model: str, calls: int = CALLS, rounds: int = 3) -> dict[
     return {"calls_per_s": calls / median(times), "rss_mb": peak_rss_mb(), "connections": conns.peak}
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
+def _measure(cfg: dict[str, Any], quick: bool) -> tuple[dict[str, dict[str, Any]], str]:
+    """Every side's figures, keyed ours_hosted / ours_local / floor / official; and the server's label."""
     from bench._servers import MODES, null_server
 
-    cfg: dict[str, Any] = {"calls": 50, "rounds": 1} if quick else {}
-    ours: dict[str, dict[str, Any]] = {}
+    got: dict[str, dict[str, Any]] = {"official": {}}
+    label = "—"
     for mode in MODES:
         with null_server(mode) as srv:
             if mode != "hosted":
-                ours[mode] = _official.run_ours("sampling", "ours", {**srv.cfg(), **cfg})
+                got[f"ours_{mode}"] = _official.run_ours("sampling", "ours", {**srv.cfg(), **cfg})
                 continue
             # ours and the floor interleaved, twice each (see _common.best_of)
             runs = [
@@ -114,17 +115,20 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 for _ in range(2)
                 for module, func in (("sampling", "ours"), ("_floor", "sampling"))
             ]
-            ours[mode], floor = best_of(runs[0::2], "calls_per_s"), best_of(runs[1::2], "calls_per_s")
-            f = (
-                {}
-                if quick
-                else _official.run(
-                    "sampling", "official", {**cfg, "url": srv.url, "model": srv.model}, env=srv.env()
-                )
-            )
+            got["ours_hosted"] = best_of(runs[0::2], "calls_per_s")
+            got["floor"] = best_of(runs[1::2], "calls_per_s")
+            if not quick:
+                official_cfg = {**cfg, "url": srv.url, "model": srv.model}
+                got["official"] = _official.run("sampling", "official", official_cfg, env=srv.env())
             label = srv.label
-    hosted, local = ours["hosted"], ours["local"]
-    notes = errors(ours_hosted=hosted, ours_local=local, official=f, floor=floor)
+    return got, label
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    cfg: dict[str, Any] = {"calls": 50, "rounds": 1} if quick else {}
+    got, label = _measure(cfg, quick)
+    hosted, local, floor, f = got["ours_hosted"], got["ours_local"], got["floor"], got["official"]
+    notes = errors(**got)
     floor_note = (
         "floor: bare aiohttp (100-connection pool); ours and floor: the better of two interleaved runs"
     )
