@@ -1,6 +1,6 @@
-"""``python -m bench``: every benchmark, ours and the official SDK's side by side, one table.
+"""``python -m bench``: every benchmark, ours in two server modes beside the official SDK, one table.
 
-    python -m bench                  # all (~10 min): writes bench/results/latest.json and the README table
+    python -m bench                  # all (~7 min): writes bench/results/latest.json and the README table
     python -m bench codec sampling   # just these (results go to bench/results/partial.tmp)
     python -m bench --quick          # tiny sizes, ours only where the official side is slow (a smoke run)
     python -m bench --uvloop         # our side on uvloop (an optional extra) instead of plain asyncio
