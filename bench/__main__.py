@@ -106,6 +106,7 @@ def main() -> None:
         )
     py, reason = _official.python()
     rows, seconds = run(names, quick=args.quick)
+    tinker = _tinker.resolved() or (None, "not run (only the codec bench uses it)")
     info = machine()
     result = {
         "date": started.isoformat(timespec="seconds"),
@@ -115,8 +116,8 @@ def main() -> None:
         "quick": args.quick,
         "official_python": py,
         "official_missing": reason or None,
-        "tinker_python": _tinker.python()[0],
-        "tinker_missing": _tinker.python()[1] or None,
+        "tinker_python": tinker[0],
+        "tinker_missing": tinker[1] or None,
         "modes": {"hosted": "LocalServer(dialect='hosted'): no extensions", "local": "every extension"},
         "seconds": seconds,
         "rows": rows,

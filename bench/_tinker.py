@@ -79,6 +79,11 @@ def python() -> tuple[str | None, str]:
     return _cached
 
 
+def resolved() -> tuple[str | None, str] | None:
+    """What ``python()`` found, if a bench asked for it in this process (never builds the venv)."""
+    return _cached
+
+
 def run(module: str, func: str, cfg: dict[str, Any] | None = None, *, timeout: float = 600) -> dict[str, Any]:
     """``bench.<module>.<func>(**cfg)`` in the tinker venv; ``{"error": ...}`` if that venv is missing."""
     py, reason = python()
