@@ -14,7 +14,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[server,dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# the examples extra (matplotlib) draws out/demo.png; the terminal charts need nothing more
+$(VENV)/.examples: $(STAMP)
+	$(PY) -m pip install -q -e '.[examples]'
+	touch $@
+
+demo: $(STAMP) $(VENV)/.examples
 	$(PY) -m examples.demo
 
 lint: $(STAMP)

@@ -1,11 +1,12 @@
-"""``python -m bench``: every benchmark, ours and the official SDK's side by side, one table.
+"""``python -m bench``: every benchmark, ours in two server modes beside the official SDK, one table.
 
-    python -m bench                  # all (~10 min): writes bench/results/latest.json and the README table
+    python -m bench                  # all (~7 min): writes bench/results/latest.json and the README table
     python -m bench codec sampling   # just these (results go to bench/results/partial.tmp)
     python -m bench --quick          # tiny sizes, ours only where the official side is slow (a smoke run)
     python -m bench --uvloop         # our side on uvloop (an optional extra) instead of plain asyncio
 
-The official SDK runs in its own venv (bench/.venv-official, made on first use); see bench/_official.py.
+The official SDK runs in its own venv (bench/.venv-official, made on first use; see bench/_official.py), the
+upstream tinker 0.38 SDK's codec in another (bench/.venv-tinker; bench/_tinker.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from bench import _official
+from bench import _official, _tinker
 from bench._common import RESULTS_DIR, ROOT, machine, table
 
 BENCHES = (
@@ -33,6 +34,7 @@ BENCHES = (
     "sync_calls",
     "loop_lag",
     "engine",
+    "grpo",
 )
 README = ROOT / "bench" / "README.md"
 _START, _END = "<!-- results:start -->", "<!-- results:end -->"
@@ -104,6 +106,7 @@ def main() -> None:
         )
     py, reason = _official.python()
     rows, seconds = run(names, quick=args.quick)
+    tinker = _tinker.resolved() or (None, "not run (only the codec bench uses it)")
     info = machine()
     result = {
         "date": started.isoformat(timespec="seconds"),
@@ -113,6 +116,9 @@ def main() -> None:
         "quick": args.quick,
         "official_python": py,
         "official_missing": reason or None,
+        "tinker_python": tinker[0],
+        "tinker_missing": tinker[1] or None,
+        "modes": {"hosted": "LocalServer(dialect='hosted'): no extensions", "local": "every extension"},
         "seconds": seconds,
         "rows": rows,
     }
@@ -123,7 +129,12 @@ def main() -> None:
     head = (
         f"Measured {started:%Y-%m-%d %H:%M} UTC on {info['cpu']} ({info['cores']} cores, "
         f"{info['memory_gb']} GB), Python {info['python']}, our side on {result['event_loop']}; "
-        "ratio = how many times better ours is (higher is better), medians after warm-up."
+        "ratio = how many times better ours is (higher is better), medians after warm-up. "
+        "**ours, hosted**: our client against the local server in the hosted service's terms (no protocol "
+        "extensions), where the official SDK runs too; **ours, local**: the same client with every "
+        "extension; "
+        "**floor**: a bare script doing the same protocol steps (raw aiohttp / http.client, or plain msgspec "
+        "for the codec); ours/floor: 1.00x = as fast as the bare script."
     )
     text = head + "\n\n" + table(rows)
     if reason:

@@ -1,7 +1,8 @@
 """The servers the client-overhead benches talk to, started in the bench process (clients run in children).
 
-- ``null_server()``: our LocalServer with the NullEngine (answers every job at once, computes nothing), the
-  server the issue names for client-overhead numbers. Falls back to the bench fixture (``_fixture``, also
+- ``null_server(dialect)``: our LocalServer with the NullEngine (answers every job at once, computes
+  nothing), the server for client-overhead numbers, in the hosted service's terms (``"hosted"``: no
+  extensions advertised) or ours (``"local"``). Falls back to the bench fixture (``_fixture``, also
   computing nothing) while the LocalServer cannot be imported, and says so in ``Server.label``.
 - ``fixture_server(delay, mode)``: the protocol fixture for behaviour the NullEngine does not offer: a job
   that takes exactly ``delay`` seconds, answered by long-poll or by an immediate ``try_again``.
@@ -47,8 +48,15 @@ def fixture_server(delay: float = 0.0, mode: str = "long_poll") -> Iterator[Serv
         yield Server(fx.url, fx.api_key, MODEL, label, fx)
 
 
+MODES = ("hosted", "local")  # server dialects every client-overhead bench runs in, hosted first
+MODE_LABEL = {"hosted": "no extensions, as the hosted service", "local": "every extension of ours"}
+
+
 @contextlib.contextmanager
-def null_server() -> Iterator[Server]:
+def null_server(
+    dialect: str = "local", *, engine: Any = None, long_poll_s: float | None = None
+) -> Iterator[Server]:
+    """The LocalServer with the NullEngine (or ``engine``) speaking ``dialect``: "hosted" or "local"."""
     try:
         from hpcai_async.server import LocalServer
         from hpcai_async.server.null_engine import NULL_MODEL, NullEngine
@@ -57,25 +65,37 @@ def null_server() -> Iterator[Server]:
             srv.label = f"bench fixture, instant (LocalServer unavailable: {exc})"
             yield srv
         return
-    kwargs: dict[str, Any] = {"engine": NullEngine()}
+    kwargs: dict[str, Any] = {"engine": engine or NullEngine(), "port": 0, "host": "127.0.0.1"}
     params = inspect.signature(LocalServer).parameters
-    if "port" in params:
-        kwargs["port"] = 0
-    if "host" in params:
-        kwargs["host"] = "127.0.0.1"
+    if "dialect" in params:
+        kwargs["dialect"] = dialect
+    if long_poll_s is not None:
+        kwargs["long_poll_s"] = long_poll_s
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="hpcai-bench-store-") as store:
-        if "store" in params:
-            kwargs["store"] = store
+        kwargs["store"] = store
         with LocalServer(**kwargs) as server:
-            yield Server(
-                server.url, server.api_key, NULL_MODEL, "LocalServer + NullEngine (no training)", server
-            )
+            label = f"LocalServer + NullEngine (no training), {dialect} dialect"
+            yield Server(server.url, server.api_key, NULL_MODEL, label, server)
+
+
+def slow_null_engine(delay: float) -> Any:
+    """A NullEngine whose forward_backward takes ``delay`` s (a sleep on the device thread; no training)."""
+    import time
+
+    from hpcai_async.server.null_engine import NullEngine
+
+    class SlowNullEngine(NullEngine):
+        def forward_backward(self, run_id: str, data: Any, loss_fn: str) -> Any:
+            time.sleep(delay)
+            return super().forward_backward(run_id, data, loss_fn)
+
+    return SlowNullEngine()
 
 
 @contextlib.contextmanager
-def engine_server(threads: int | None = None) -> Iterator[Server]:
+def engine_server(threads: int | None = None, dialect: str = "local") -> Iterator[Server]:
     """The LocalServer with its real PyTorch Engine and the built-in model (``threads``: torch intra-op)."""
     import functools
     import tempfile
@@ -86,9 +106,15 @@ def engine_server(threads: int | None = None) -> Iterator[Server]:
     params = inspect.signature(LocalServer).parameters
     with tempfile.TemporaryDirectory(prefix="hpcai-bench-store-") as store:
         kwargs: dict[str, Any] = {"store": store} if "store" in params else {}
+        if "dialect" in params:
+            kwargs["dialect"] = dialect
         if threads is not None:
             kwargs["engine"] = functools.partial(Engine, threads=threads)
         with LocalServer(**kwargs) as server:
             yield Server(
-                server.url, server.api_key, "hpcai-async/tiny-qwen3", "LocalServer + Engine (CPU)", server
+                server.url,
+                server.api_key,
+                "hpcai-async/tiny-qwen3",
+                f"LocalServer + Engine (CPU), {dialect} dialect",
+                server,
             )

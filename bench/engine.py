@@ -4,16 +4,16 @@ Both sides do the same work on the built-in model (``hpcai-async/tiny-qwen3``, f
 adapter (rank 8 on the attention and MLP projections, alpha = rank, no dropout), a batch of 8 datums x 256
 tokens, summed cross-entropy (weights 1), backward, one AdamW step (lr 1e-4, betas 0.9/0.95, eps 1e-12).
 
-- ours: the LocalServer with its PyTorch Engine in the bench process; the client in another process sends
-  ``forward_backward`` and ``optim_step`` pipelined and waits for both results (MessagePack, as our server
-  advertises it) — so the time includes encoding, HTTP, scheduling, the engine's bookkeeping and the
-  results.
+- ours: the LocalServer with its PyTorch Engine in the bench process, in the hosted dialect (JSON, plain
+  polling) and the local one (MessagePack, inline results); the client in another process sends
+  ``forward_backward`` and ``optim_step`` pipelined and waits for both results — so the time includes
+  encoding, HTTP, scheduling, the engine's bookkeeping and the results.
 - plain: the same model loaded the same way (``server.models.load_model``), the adapter injected with PEFT,
   and a hand-written training step in one process: forward, per-token cross-entropy, loss, backward,
   ``AdamW.step``.
 
 Both sides run torch on one intra-op thread (see THREADS). Median step time after warm-up steps; the target
-is ours <= 1.10x the plain loop. No official SDK here (the second column is the plain loop).
+is ours (local dialect) <= 1.10x the plain loop. No official SDK here (the second column is the plain loop).
 Run: ``python -m bench.engine``.
 """
 
@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from bench import _official
-from bench._common import median, report, row, run_async
+from bench._common import errors, median, report, row, run_async
 
 TARGET_X = 1.10
 BATCH, SEQ, RANK = 8, 256, 8
@@ -140,31 +140,37 @@ def ours(
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    from bench._servers import engine_server
+    from bench._servers import MODES, engine_server
 
     cfg: dict[str, Any] = {"batch": 2, "seq": 32, "steps": 2, "warmup": 1} if quick else {}
     p = _official.run_ours("engine", "plain", cfg)
-    try:
-        with engine_server(threads=THREADS) as srv:
-            o = _official.run_ours("engine", "ours", {**srv.cfg(), **cfg})
-            label = srv.label
-    except Exception as exc:  # no LocalServer / no built-in model yet
-        o, label = {"error": f"cannot start the local server: {exc!r}"}, "—"
-    notes = [f"{side}: {r['error']}" for side, r in (("ours", o), ("plain loop", p)) if "error" in r]
+    ours: dict[str, dict[str, Any]] = {}
+    label = "—"
+    for mode in MODES:
+        try:
+            with engine_server(threads=THREADS, dialect=mode) as srv:
+                ours[mode] = _official.run_ours("engine", "ours", {**srv.cfg(), **cfg})
+                label = srv.label.replace(f", {mode} dialect", "")
+        except Exception as exc:  # no LocalServer / no built-in model yet
+            ours[mode] = {"error": f"cannot start the local server: {exc!r}"}
+    notes = errors(ours_hosted=ours["hosted"], ours_local=ours["local"], plain_loop=p)
     notes.append(
-        f"official column = plain PyTorch loop in one process; server: {label}; torch threads: {THREADS}"
+        f"official column = plain PyTorch loop in one process (ratios: plain loop time / ours); "
+        f"hosted = JSON and plain polling, local = MessagePack and inline results; server: {label}; "
+        f"torch threads: {THREADS}"
     )
     b, s = cfg.get("batch", BATCH), cfg.get("seq", SEQ)
     r = row(
         f"local server fwd_bwd + optim_step, built-in model, {b}x{s} tokens",
         "ms/step",
-        o.get("ms"),
+        ours["hosted"].get("ms"),
         p.get("ms"),
-        f"<= {TARGET_X:.2f}x the plain loop",
+        f"local <= {TARGET_X:.2f}x the plain loop",
         None,
         note="; ".join(notes),
+        local=ours["local"].get("ms"),
     )
-    ms, base = o.get("ms"), p.get("ms")
+    ms, base = r["local"], p.get("ms")
     r["ok"] = None if ms is None or base is None else ms <= TARGET_X * base
     return [r]
 

@@ -1,6 +1,7 @@
 """1000 sequential synchronous get_info calls: microseconds per call, against raw ``http.client``.
 
-Server: the LocalServer with the NullEngine, in the bench process. get_info is answered directly (no
+Server: the LocalServer with the NullEngine, in the bench process, hosted dialect (the official SDK, the
+floor and ours) and local dialect (ours, with seq_id). get_info is answered directly (no
 future), so this measures the per-call cost of each client's synchronous path: ours hands the coroutine to
 its private loop thread and waits; the official SDK does the same with its own background loop, plus its
 turn-taking and retry layers. The baseline is the floor for any Python client: a keep-alive
@@ -18,7 +19,7 @@ import time
 from typing import Any
 
 from bench import _official
-from bench._common import median, report, row, run_async
+from bench._common import errors, median, report, row, run_async
 
 CALLS = 1000
 TARGET_X = 1.3
@@ -161,47 +162,59 @@ def official(model: str, calls: int = CALLS, rounds: int = 5) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    from bench._servers import null_server
+    from bench._servers import MODES, null_server
 
     cfg: dict[str, Any] = {"calls": 50, "rounds": 1} if quick else {}
-    with null_server() as srv:
-        o = _official.run_ours("sync_calls", "ours", {**srv.cfg(), **cfg})
-        uv: dict[str, Any] = {}
-        if os.environ.get("BENCH_UVLOOP") != "1" and importlib.util.find_spec("uvloop") is not None:
-            # the same on the [uvloop] extra, in the same run: the thread hop is what differs most
-            uv = _official.run_ours(
-                "sync_calls", "ours", {**srv.cfg(), **cfg}, env={"HPCAI_ASYNC_NO_UVLOOP": "0"}
+    ours: dict[str, dict[str, Any]] = {}
+    uv: dict[str, Any] = {}
+    for mode in MODES:
+        with null_server(mode) as srv:
+            ours[mode] = _official.run_ours("sync_calls", "ours", {**srv.cfg(), **cfg})
+            if mode != "hosted":
+                continue
+            if os.environ.get("BENCH_UVLOOP") != "1" and importlib.util.find_spec("uvloop") is not None:
+                # the same on the [uvloop] extra, in the same run: the thread hop is what differs most
+                uv = _official.run_ours(
+                    "sync_calls", "ours", {**srv.cfg(), **cfg}, env={"HPCAI_ASYNC_NO_UVLOOP": "0"}
+                )
+            f = (
+                {}
+                if quick
+                else _official.run("sync_calls", "official", {**cfg, "model": srv.model}, env=srv.env())
             )
-        f = (
-            {}
-            if quick
-            else _official.run("sync_calls", "official", {**cfg, "model": srv.model}, env=srv.env())
-        )
-    notes = [f"{side}: {r['error']}" for side, r in (("ours", o), ("official", f)) if "error" in r]
+            label = srv.label
+    o, local = ours["hosted"], ours["local"]
+    notes = errors(ours_hosted=o, ours_local=local, official=f)
     us, raw = o.get("us"), o.get("raw_us")
     if raw:
-        same = " sending the same body as ours (with seq_id)" if o.get("seq") else ""
         notes.append(
-            f"raw http.client{same}: {raw:.0f} µs/call → ours = {us / raw:.2f}x raw; "
-            f"raw http.client, plain get_info body: {o['raw_plain_us']:.0f} µs/call; "
-            f"ours awaiting get_info_async on the caller's loop: {o['async_us']:.0f} µs/call; "
+            f"floor: raw http.client posting the same get_info body, same process, rounds interleaved; "
+            f"hosted: ours awaiting get_info_async on the caller's loop: {o['async_us']:.0f} µs/call; "
             f"bare aiohttp session, same body: {o['aiohttp_us']:.0f} µs/call"
+        )
+    if local.get("raw_us"):
+        notes.append(
+            f"local (with seq_id): raw http.client sending the same body as ours "
+            f"{local['raw_us']:.0f} µs/call "
+            f"→ ours = {local['us'] / local['raw_us']:.2f}x raw"
         )
     if uv.get("us") and uv.get("raw_us"):
         notes.append(
-            f"with the [uvloop] extra, same run: {uv['us']:.0f} µs/call vs raw {uv['raw_us']:.0f} → "
+            f"hosted with the [uvloop] extra, same run: {uv['us']:.0f} µs/call vs raw {uv['raw_us']:.0f} → "
             f"{uv['us'] / uv['raw_us']:.2f}x raw"
         )
-    notes.append(f"server: {srv.label}")
+    notes.append(f"server: {label}")
     return [
         row(
             f"{cfg.get('calls', CALLS)} sequential sync get_info",
             "µs/call",
             us,
             f.get("us"),
-            f"≤ {TARGET_X}x raw http.client",
+            f"≤ {TARGET_X}x the raw http.client floor",
             None if us is None or raw is None else us <= TARGET_X * raw,
             note="; ".join(notes),
+            local=local.get("us"),
+            floor=raw,
         ),
     ]
 

@@ -6,7 +6,8 @@
 
 It starts the embedded local server once (the built-in model ``hpcai-async/tiny-qwen3``), runs the three
 examples against it, and ends with the SFT loss curve and the GRPO reward curve: drawn in the terminal, and
-written as a PNG (its path is printed).
+written as a PNG with matplotlib (the ``examples`` extra, which ``make demo`` installs; its path is printed).
+Without matplotlib the terminal charts are all there is.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ DEFAULT_OUT = Path("out") / "demo.png"
 class DemoResult:
     sft: sft.SFTResult
     grpo: grpo.GRPOResult
-    png: Path
+    png: Path | None  # None: matplotlib is not installed, only the terminal charts were drawn
     seconds: dict[str, float]
 
 
@@ -87,7 +88,6 @@ def run(
                 grpo_result.rewards,
                 xlabel="iteration",
                 color=_plot.ORANGE,
-                pale=_plot.PALE_ORANGE,
                 markers=True,
                 ylim=(0.0, 1.0),
             ),
@@ -116,7 +116,10 @@ def print_summary(result: DemoResult) -> None:
     print(line)
     times = ", ".join(f"{name} {sec:.0f}s" for name, sec in result.seconds.items())
     print(f"time: {times}")
-    print(f"curves written to {result.png}")
+    if result.png is not None:
+        print(f"curves written to {result.png}")
+    else:
+        print("no PNG: matplotlib is not installed (pip install 'hpcai_async[examples]', or make demo)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
