@@ -14,7 +14,7 @@ import pytest
 from test_server import Factory, GatedEngine, Wire, adam_body, fb_body, fwd_body, sample_body, wire_test
 
 from hpcai_async import types
-from hpcai_async.server import NULL_MODEL, LocalServer, ordering
+from hpcai_async.server import NULL_MODEL, LocalServer, NullEngine, ordering
 
 
 class DeviceLost(BaseException):
@@ -64,6 +64,27 @@ def test_a_base_exception_in_sampling_fails_that_batch_and_the_queue_goes_on(ser
         assert (await w.call("optim_step", adam_body(model_id)))["metrics"]["step:max"] == 1
 
     wire_test(srv, body, timeout=20)
+
+
+class Unprintable(RuntimeError):
+    def __str__(self) -> str:
+        raise RuntimeError("and this one neither")
+
+
+class UnprintableEngine(NullEngine):
+    def optim_step(self, run_id: str, adam: types.AdamParams) -> types.OptimStepResponse:
+        raise Unprintable
+
+
+def test_an_exception_that_cannot_be_shown_still_finishes_its_job(server_factory: Factory) -> None:
+    srv = server_factory(engine=UnprintableEngine)
+
+    async def body(w: Wire) -> None:
+        model_id = await w.create()
+        out = await w.result(await w.submit("optim_step", adam_body(model_id)), deadline=5)
+        assert out["error"] == "InternalServerError" and "Unprintable" in out["message"], out
+
+    wire_test(srv, body)
 
 
 def test_ended_models_are_forgotten_beyond_a_bound(server_factory: Factory) -> None:

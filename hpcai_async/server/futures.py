@@ -32,8 +32,16 @@ def error_response(exc: BaseException) -> types.ErrorResponse:
     if isinstance(exc, APIError):
         return types.ErrorResponse(error=type(exc).__name__, message=exc.message, code=exc.code)
     if isinstance(exc, ValueError | LookupError | TypeError):
-        return types.ErrorResponse(error="BadRequestError", message=str(exc) or type(exc).__name__)
-    return types.ErrorResponse(error="InternalServerError", message=f"{type(exc).__name__}: {exc}")
+        return types.ErrorResponse(error="BadRequestError", message=_text(exc) or type(exc).__name__)
+    return types.ErrorResponse(error="InternalServerError", message=f"{type(exc).__name__}: {_text(exc)}")
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` fails (its future must still finish)."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"(the {type(exc).__name__} could not be shown)"
 
 
 @dataclass(eq=False, slots=True)

@@ -28,8 +28,9 @@ __all__ = ("MAX_REJECTED_KEPT", "SEQ_WINDOW", "ReleaseSeqRequest", "SeqOrder")
 J = TypeVar("J")
 R = TypeVar("R")
 
-# How far ahead of the next expected id a request may be. The client (PROTOCOL.md "seq_id" extension) never
-# reserves more than this many ids ahead of what it sent; 1024 is far more than any pipeline keeps in flight.
+# How far ahead of the next expected id a request may be (contract 4 of the "seq_id" extension). The client
+# never reserves more than this many ids ahead of what it sent (its own SEQ_WINDOW, hpcai_async._sequence,
+# must be the same number); 1024 is far more than any pipeline keeps in flight.
 SEQ_WINDOW = 1024
 # Rejected requests remembered per model (to answer a retry of the same bad body the same way); the oldest go
 # first. A retry comes within seconds, so the last SEQ_WINDOW are plenty.
