@@ -1,8 +1,8 @@
 """The reference walkthrough through the official ``hpcai`` SDK, unchanged, against our local server.
 
-The official SDK is not a dependency: it is looked for in ``$HPCAI_OFFICIAL_PYTHON``, in the benchmark's
-own virtual environment (``bench/.venv-official``, made by ``python -m bench``), or in this interpreter; the
-test is skipped when none has it. It runs in a subprocess because the two SDKs do not share an interpreter.
+The official SDK is not a dependency: it runs in its own virtual environment, built on first use by
+``official_env.official_python()`` (``.official/venv``; ``$HPCAI_OFFICIAL_PYTHON`` overrides), in a
+subprocess because the two SDKs do not share an interpreter.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from official_env import official_python
 
 from hpcai_async import ServiceClient, types
 
@@ -61,24 +61,8 @@ print(json.dumps(out))
 """
 
 
-def _official_python() -> str | None:
-    candidates = [os.environ.get("HPCAI_OFFICIAL_PYTHON"), str(ROOT / "bench/.venv-official/bin/python")]
-    for python in candidates:
-        if python and Path(python).exists():
-            return python
-    try:
-        import hpcai  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        return None
-    return sys.executable
-
-
 def test_reference_walkthrough_through_the_official_sdk(server) -> None:  # type: ignore[no-untyped-def]
-    python = _official_python()
-    if python is None:
-        pytest.skip(
-            "the official hpcai SDK is not installed (python -m bench puts it in bench/.venv-official)"
-        )
+    python = official_python()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPCAI_")}
     env.update(HPCAI_BASE_URL=server.url, HPCAI_API_KEY=server.api_key, HPCAI_TELEMETRY="0")
     command = [python, "-c", WALKTHROUGH, BUILTIN]
