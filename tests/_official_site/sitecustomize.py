@@ -1,10 +1,10 @@
 """Test harness for the official programs (on PYTHONPATH in their subprocesses only), two set-up steps:
 
 * ``HPCAI_TEST_APPEND_SITE``: the official SDK's site-packages, put *after* ours on ``sys.path`` -- the
-  official package installed beside hpcai_async, as a user would have it; our packages win where both have one,
-  and the cookbook's own dependencies (chz, datasets, transformers) come from there.
-* ``HPCAI_TEST_DATASETS``: ``{"hub/name": {"train": "file.jsonl", ...}}``: ``datasets.load_dataset`` of those
-  hub names reads the local files the test wrote instead (nothing is downloaded; every other name is untouched).
+  official package installed beside hpcai_async, as a user would have it; our packages win where both have
+  one, and the cookbook's own dependencies (chz, datasets, transformers) come from there.
+* ``HPCAI_TEST_DATASETS``: ``{"hub/name": {"train": "file.jsonl", ...}}``: ``datasets.load_dataset`` of
+  those hub names reads the test's local files instead (nothing is downloaded; other names are untouched).
 """
 
 import json
