@@ -34,16 +34,16 @@ TARGETS = {"encode_json": 15.0, "encode_msgpack": 80.0, "decode_json": 10.0, "de
 
 
 def _codecs() -> dict[str, Any]:
-    """The encoders/decoders the client really uses (hpcai_async._http), keyed by wire format."""
-    from hpcai_async import _http
+    """The encoders/decoders the client really uses (hpcai_async._wire), keyed by wire format."""
+    from hpcai_async import _wire
 
-    def codec(encoder: Any, content_type: str) -> dict[str, Any]:
-        return {"encode": encoder.encode, "decode": lambda body, tp: _http.decode(body, content_type, tp)}
+    def codec(msgpack: bool) -> dict[str, Any]:
+        return {
+            "encode": lambda body: _wire.encode(body, msgpack)[0],
+            "decode": lambda body, tp: _wire.decoder(tp, msgpack).decode(body),
+        }
 
-    return {
-        "json": codec(_http._JSON_ENCODER, _http.JSON),
-        "msgpack": codec(_http._MSGPACK_ENCODER, _http.MSGPACK),
-    }
+    return {"json": codec(False), "msgpack": codec(True)}
 
 
 def _ours_request(arrays: dict[str, Any], batch: int) -> Any:

@@ -8,7 +8,9 @@
         opt = await tc.optim_step_async(types.AdamParams(learning_rate=1e-4))
         print((await fb).metrics, (await opt).metrics)           # both were in flight together
 
-Every operation is a coroutine ``x_async`` and a plain ``x`` (for scripts, threads and notebooks).
+Every operation is a coroutine ``x_async`` and a plain ``x`` (for scripts, threads and notebooks). The names
+the official ``hpcai`` package exports at its top level are exported here too (the common types, and
+``HpcAIError``, the official spelling of ``HpcaiError``), so ``import hpcai_async as hpcai`` ports a program.
 """
 
 from . import types
@@ -37,6 +39,32 @@ from .rest import RestClient
 from .sampling import SamplingClient
 from .service import ServiceClient
 from .training import TrainingClient
+from .types import (
+    AdamParams,
+    Checkpoint,
+    CheckpointType,
+    Datum,
+    EncodedTextChunk,
+    ForwardBackwardOutput,
+    LoraConfig,
+    ModelID,
+    ModelInput,
+    ModelInputChunk,
+    OptimStepRequest,
+    OptimStepResponse,
+    ParsedCheckpointPath,
+    SampledSequence,
+    SampleRequest,
+    SampleResponse,
+    SamplingParams,
+    StopReason,
+    TensorData,
+    TensorDtype,
+    TrainingRun,
+)
+
+HpcAIError = HpcaiError  # the official SDK's spelling of the root error
+__title__ = "hpcai_async"
 
 __all__ = (
     "APIConnectionError",
@@ -44,23 +72,46 @@ __all__ = (
     "APIFuture",
     "APIStatusError",
     "APITimeoutError",
+    "AdamParams",
     "AuthenticationError",
     "BadRequestError",
+    "Checkpoint",
+    "CheckpointType",
     "ConfigurationError",
     "ConflictError",
+    "Datum",
+    "EncodedTextChunk",
+    "ForwardBackwardOutput",
     "GoneError",
+    "HpcAIError",
     "HpcaiError",
     "InternalServerError",
+    "LoraConfig",
+    "ModelID",
+    "ModelInput",
+    "ModelInputChunk",
     "NotFoundError",
+    "OptimStepRequest",
+    "OptimStepResponse",
+    "ParsedCheckpointPath",
     "PermissionDeniedError",
     "RateLimitError",
     "RequestFailedError",
     "RestClient",
     "RetryBudgetExceededError",
+    "SampleRequest",
+    "SampleResponse",
+    "SampledSequence",
     "SamplingClient",
+    "SamplingParams",
     "ServiceClient",
+    "StopReason",
+    "TensorData",
+    "TensorDtype",
     "TrainingClient",
+    "TrainingRun",
     "UnprocessableEntityError",
+    "__title__",
     "__version__",
     "types",
 )

@@ -1,92 +1,68 @@
-"""The transport: one aiohttp session per ServiceClient, auth, codecs, retries, and long-polled futures.
+"""The session: one aiohttp session per ServiceClient, and the one seam, ``send(request) -> answer``.
 
-Wire rules (PROTOCOL.md §1, §3, §4) live here and nowhere else:
+Submits, polls, batches and the REST download all go through ``Transport.send``: one HTTP exchange, no
+retries. Above it ``call`` adds the client's policy (PROTOCOL.md §1, §3, §4):
 
 * every request carries ``X-API-Key``, ``Accept`` and ``User-Agent: hpcai_async/<version>``; a non-GET request
   carries an ``X-Idempotency-Key`` that stays the same across its retries;
-* connection errors, 408, 409, 429 and 5xx are retried (``x-should-retry`` overrides the status rule) with
-  exponential backoff and jitter, or after ``retry-after-ms`` / ``Retry-After`` when the server says so, for
-  at most ``retry_timeout`` seconds in all (300 s, as the official client) -> ``RetryBudgetExceededError``;
+* redirects are followed only within the base URL's origin (scheme, host, port), so the API key never goes
+  to another server; a redirect elsewhere is an error that names where it pointed;
+* retries follow ``_retry`` (which failures, how long to wait, one budget per operation);
 * a 429 on a sampling request is backpressure: it opens a short window, shared by every sampler of the
-  ServiceClient, in which no sampling request is sent;
-* futures are polled with ``retrieve_future`` from the moment they exist: at once again after a server
-  long-poll, after a pause of about a fifth of the time waited so far when the server answers ``try_again``
-  quickly (so the added latency stays within ~20 %), with backoff on failures;
-* bodies are JSON, or MessagePack with raw tensor bytes when the server lists ``"msgpack"`` in its
-  capabilities;
-* with ``"batch"``, training and sampling requests made while two others are on the wire (polls: four) wait
-  and go together in one ``POST batch`` (``_Batcher``); with ``"inline_result"`` a submit's answer may carry
-  its result.
+  ServiceClient, in which no sampling request is sent (the wait is spent from the request's budget);
+* bodies are JSON, or MessagePack with raw tensor bytes when the server lists ``"msgpack"`` (``_wire``);
+* with ``"batch"`` requests made while others are on the wire go together (``_batch``); with
+  ``"inline_result"`` a submit's answer may carry its result; futures are long-polled (``_poll``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import itertools
-import math
 import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from functools import cache
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 
 import msgspec
 
-from . import _tensor
+from . import _retry, _wire
+from ._batch import BATCH_MAX_BYTES, BATCH_SLOTS, POLL_SLOTS, Batcher
 from ._errors import (
     APIConnectionError,
     APIError,
     APIStatusError,
+    ConfigurationError,
     NotFoundError,
-    RequestFailedError,
-    RetryBudgetExceededError,
+    PermissionDeniedError,
     error_for_status,
 )
 from ._loop import LoopBinding, close_at_exit
+from ._poll import POLL_READ_TIMEOUT, Poller, poll_request
+from ._retry import RetryBudget, RetryPolicy
 from ._version import __version__
-from .types import (
-    BatchItem,
-    BatchRequest,
-    BatchResponse,
-    FutureRetrieveRequest,
-    GetServerCapabilitiesResponse,
-)
+from ._wire import Answer, Request
+from .types import GetServerCapabilitiesResponse
 
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ("DEFAULT_BASE_URL", "Transport")
+__all__ = ("DEFAULT_BASE_URL", "Answer", "Request", "Transport")
 
 T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://www.hpc-ai.com/finetunesdk"  # the HPC-AI README's value (PROTOCOL.md §1.1)
 USER_AGENT = f"hpcai_async/{__version__}"
-JSON = "application/json"
-MSGPACK = "application/msgpack"
-ACCEPT_MSGPACK = f"{MSGPACK}, {JSON};q=0.9"
-
 CONNECT_TIMEOUT = 5.0  # s, as the official client (PROTOCOL.md §1.4)
-POLL_READ_TIMEOUT = 45.0  # s, the official client's retrieve_future timeout (§3.2)
-RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx (§1.4)
-BACKOFF_BASE = 0.25  # s: first retry after 0.19-0.25 s, doubling ...
-BACKOFF_CAP = 10.0  # s: ... up to 10 s (the Stainless layer's cap)
-RETRY_AFTER_MAX = 60.0  # s: a Retry-After beyond this is ignored, as in the official client
+REQUEST_READ_TIMEOUT = 60.0  # s, the official client's request timeout
 SAMPLE_BACKOFF = 1.0  # s: the sampling backpressure window after a 429 without Retry-After (§6.6)
-POLL_PAUSE_FRACTION = 0.2  # pause after a quick try_again: this share of the time waited so far ...
-POLL_PAUSE_MIN = 0.001  # ... but at least 1 ms ...
-POLL_PAUSE_MAX = 1.0  # ... and at most 1 s
-# With "inline_result" a submit may wait this long for its result (instant jobs: NullEngine, a sample batch
-# window): one request instead of submit + retrieve_future. Longer jobs are long-polled as before.
-INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.01"}
-BATCH_INLINE_WAIT = {"X-HpcAI-Async-Inline-Wait": "0.05"}  # for all the results of a batch (the server's cap)
-# With "batch", requests made while others are on their way go out together in one POST batch (see _Batcher).
-BATCH_SLOTS = 2  # requests or batches on the wire at once; what comes meanwhile waits for a free slot ...
-BATCH_MAX_ITEMS = 256  # ... and goes with up to this many others ...
-BATCH_MAX_BYTES = 1 << 20  # ... in a batch of up to 1 MiB; a bigger body is sent on its own, never queued
-POLL_SLOTS = 4  # polls have slots of their own, so polls held by the server never hold up submissions
+MAX_REDIRECTS = 10
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+INLINE_WAIT = {_wire.INLINE_WAIT_HEADER: str(_wire.INLINE_WAIT_SUBMIT)}
+BATCH_INLINE_WAIT = {_wire.INLINE_WAIT_HEADER: str(_wire.INLINE_WAIT_BATCH)}  # all the results of a batch
 
 
 @cache
@@ -99,84 +75,21 @@ def aiohttp_module() -> Any:
 
 @cache
 def connection_errors() -> tuple[type[BaseException], ...]:
+    """What a broken connection raises (retried): aiohttp's connection and payload errors, and timeouts."""
     aio = aiohttp_module()
     return (aio.ClientConnectionError, aio.ClientPayloadError, TimeoutError)
 
 
-_JSON_ENCODER = msgspec.json.Encoder(enc_hook=_tensor.json_enc_hook)
-_MSGPACK_ENCODER = msgspec.msgpack.Encoder(enc_hook=_tensor.msgpack_enc_hook)
-
-
-class _Probe(msgspec.Struct):
-    """The fields that tell a retrieve_future answer apart: try_again, an error, or the result."""
-
-    type: Any = None
-    error: Any = None
-    message: Any = None
-    queue_state: Any = None
-
-
-_DECODERS: dict[tuple[bool, Any], msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]] = {}
-
-
 def decode(payload: bytes, content_type: str, tp: type[T]) -> T:
     """Decode a response body (JSON or MessagePack, by its content type) into ``tp``."""
-    msgpack = content_type == MSGPACK
-    decoder = _DECODERS.get((msgpack, tp))
-    if decoder is None:  # one reusable decoder per type and format
-        decoder = _DECODERS[msgpack, tp] = (
-            msgspec.msgpack.Decoder(tp) if msgpack else msgspec.json.Decoder(tp)
-        )
     try:
-        result: T = decoder.decode(payload)
+        result: T = _wire.decoder(tp, _wire.is_msgpack(content_type)).decode(payload)
     except msgspec.DecodeError as exc:
         raise APIError(f"unexpected response from the server for {tp.__name__}: {exc}") from None
     return result
 
 
-def backoff_delay(attempt: int) -> float:
-    """Exponential backoff with jitter: ``min(base * 2**attempt, cap)`` times a factor in [0.75, 1]."""
-    return min(BACKOFF_BASE * 2.0**attempt, BACKOFF_CAP) * random.uniform(0.75, 1.0)
-
-
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """The server's ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), if within (0, 60] s."""
-    value: float | None = None
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            value = float(ms) / 1000.0
-        except ValueError:
-            value = None
-    if value is None and (raw := headers.get("retry-after")) is not None:
-        try:
-            value = float(raw)
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(raw)
-            except (TypeError, ValueError):
-                return None
-            value = when.timestamp() - time.time()
-    if value is None or not 0.0 < value <= RETRY_AFTER_MAX:
-        return None
-    return value
-
-
-def _server_message(payload: bytes, content_type: str) -> tuple[str, str | None]:
-    """The message and error code of an error body, whatever its shape."""
-    try:
-        body = msgspec.msgpack.decode(payload) if content_type == MSGPACK else msgspec.json.decode(payload)
-    except msgspec.DecodeError:
-        text = payload[:500].decode("utf-8", "replace").strip()
-        return text or "(empty body)", None
-    if isinstance(body, dict):
-        code = body.get("error") if isinstance(body.get("error"), str) else None
-        for field in ("message", "detail", "error"):
-            if (value := body.get(field)) is not None:
-                return (value if isinstance(value, str) else msgspec.json.encode(value).decode()), code
-    return msgspec.json.encode(body).decode()[:500], None
-
-
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -208,84 +121,7 @@ class CallOptions(TypedDict, total=False):
     headers: Mapping[str, str] | None
     backpressure: bool
     batch: bool
-
-
-class Answer(NamedTuple):
-    """An HTTP answer: of a request of its own, or of one request in a batch."""
-
-    status: int
-    payload: bytes
-    content_type: str
-    headers: Mapping[str, str]
-
-
-class _Batcher:
-    """Coalesces requests into ``POST batch`` requests, for a server with the "batch" extension.
-
-    A request goes out at once, on its own, while fewer than ``slots`` requests or batches are on the
-    wire. Otherwise it waits, and when a slot frees, everything that waited goes together (up to 256
-    requests and 1 MiB). A lone call pays nothing; a burst (a pipelined training loop, thousands of
-    concurrent samples) costs a few HTTP round trips instead of one per request. Each request keeps its own
-    idempotency key, answer and retries: a failed batch fails each of its requests, and each retries as usual.
-    """
-
-    def __init__(self, transport: Transport, slots: int, inline: bool) -> None:
-        self.transport = transport
-        self.slots = slots
-        self.inline = inline  # ask the server to wait for the results of the batch's submits
-        self.busy = 0  # slots in use
-        self.waiting: list[tuple[BatchItem, int, asyncio.Future[Answer]]] = []  # (request, size, answer)
-
-    async def send(self, path: str, data: bytes, headers: dict[str, str]) -> Answer:
-        if self.busy < self.slots and not self.waiting:
-            self.busy += 1
-            try:
-                return await self.transport.send("POST", path, data, headers)
-            finally:
-                self._release()
-        item = BatchItem(path=path, body=msgspec.Raw(data), idempotency_key=headers["X-Idempotency-Key"])
-        answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self.waiting.append((item, len(data), answer))
-        return await answer
-
-    def _release(self) -> None:
-        self.busy -= 1
-        if not self.waiting or self.busy >= self.slots or self.transport.closed:
-            return
-        count, size = 0, 0
-        for _, n, _ in self.waiting:
-            if count == BATCH_MAX_ITEMS or (count and size + n > BATCH_MAX_BYTES):
-                break
-            count, size = count + 1, size + n
-        batch, self.waiting = self.waiting[:count], self.waiting[count:]
-        self.busy += 1
-        self.transport.spawn(self._post(batch))
-
-    async def _post(self, batch: list[tuple[BatchItem, int, asyncio.Future[Answer]]]) -> None:
-        try:
-            answers = await self.transport.send_batch([item for item, _, _ in batch], self.inline)
-        except asyncio.CancelledError:  # the client is closing
-            _fail(batch, APIConnectionError("this ServiceClient is closed"))
-            raise
-        except Exception as exc:  # a connection error, say: each request retries (or fails) on its own
-            _fail(batch, exc)
-        else:
-            for (_, _, answer), result in zip(batch, answers, strict=True):
-                if not answer.done():
-                    answer.set_result(result)
-        finally:
-            self._release()
-
-    def close(self) -> None:
-        """The client is closing: fail what still waits (what is on the wire is cancelled with its task)."""
-        waiting, self.waiting = self.waiting, []
-        _fail(waiting, APIConnectionError("this ServiceClient is closed"))
-
-
-def _fail(batch: list[tuple[BatchItem, int, asyncio.Future[Answer]]], exc: Exception) -> None:
-    for _, _, answer in batch:
-        if not answer.done():
-            answer.set_exception(exc)
+    budget: RetryBudget | None
 
 
 class _Retryable(Exception):
@@ -305,19 +141,22 @@ class Transport:
         api_key: str,
         *,
         connection_limit: int = 100,
-        retry_timeout: float = 300.0,
-        request_timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        request_timeout: float = REQUEST_READ_TIMEOUT,
+        poll_timeout: float = POLL_READ_TIMEOUT,
         headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str | int] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.api_url = self.base_url + "api/v1/"
         self.connection_limit = connection_limit
-        self.retry_timeout = retry_timeout
+        self.retry = retry or RetryPolicy()
         self.request_timeout = request_timeout
+        self.params = dict(params or {})
         self.session_id = str(uuid.uuid4())
         self.binding = LoopBinding(on_bind=self._bound, on_rebind=self._forget_loop)
         self.closed = False
-        self._headers = {"X-API-Key": api_key, "User-Agent": USER_AGENT, "Accept": JSON}
+        self._headers = {_wire.API_KEY: api_key, "User-Agent": USER_AGENT, "Accept": _wire.JSON}
         for env, header in (
             ("CLOUDFLARE_ACCESS_CLIENT_ID", "CF-Access-Client-Id"),
             ("CLOUDFLARE_ACCESS_CLIENT_SECRET", "CF-Access-Client-Secret"),
@@ -330,12 +169,16 @@ class Transport:
         self._unordered = itertools.count(1)
         self._training_clients = itertools.count(0)
         self._sample_backoff_until = 0.0
-        self._rtt = math.inf  # shortest recent retrieve_future round trip (to tell long-polls apart)
+        self._poller = Poller(connection_errors(), poll_timeout)
         self._caps: GetServerCapabilitiesResponse | None = None
         self._features: frozenset[str] | None = None
         self._caps_task: asyncio.Task[GetServerCapabilitiesResponse] | None = None
         self._shutdown_hook: tuple[AsyncIterator[None], asyncio.Future[None]] | None = None
         self._new_batchers()
+
+    @property
+    def retry_timeout(self) -> float:
+        return self.retry.timeout
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -347,8 +190,13 @@ class Transport:
         self._new_batchers()
 
     def _new_batchers(self) -> None:
-        self._batcher = _Batcher(self, BATCH_SLOTS, inline=True)
-        self._poll_batcher = _Batcher(self, POLL_SLOTS, inline=False)
+        msgpack = lambda: self.msgpack  # noqa: E731
+        self._batcher = Batcher(
+            self.send, self.spawn, slots=BATCH_SLOTS, batch_headers=self._batch_headers, msgpack=msgpack
+        )
+        self._poll_batcher = Batcher(
+            self.send, self.spawn, slots=POLL_SLOTS, batch_headers=self._poll_batch_headers, msgpack=msgpack
+        )
 
     def _bound(self, loop: asyncio.AbstractEventLoop, private: bool) -> None:
         if private:
@@ -464,20 +312,72 @@ class Transport:
         assert self._features is not None
         return self._features
 
-    # ----------------------------------------------------------------------------------------- requests
+    # ----------------------------------------------------------------------------------------- the seam
 
     def url(self, path: str) -> str:
         return self.api_url + path
 
-    def encode(self, body: Any, msgpack: bool) -> tuple[bytes, str]:
-        if msgpack:
-            return _MSGPACK_ENCODER.encode(body), MSGPACK
-        return _JSON_ENCODER.encode(body), JSON
+    async def send(self, request: Request) -> Answer:
+        """One HTTP exchange, no retries; redirects are followed only within the base URL's origin.
+
+        With ``request.sink`` a 2xx body is handed to it block by block (and ``payload`` is empty); a body
+        shorter than its ``Content-Length`` raises ``ClientPayloadError`` (a broken connection).
+        """
+        aio = aiohttp_module()
+        method, data = request.method, request.data
+        body = None if data is None else _raw_body_class()(data, request.headers["Content-Type"])
+        options: dict[str, Any] = {"allow_redirects": False, "headers": request.headers}
+        if request.read_timeout is not None:
+            options["timeout"] = aio.ClientTimeout(
+                total=None, sock_connect=CONNECT_TIMEOUT, sock_read=request.read_timeout
+            )
+        url: Any = self.url(request.path)
+        params = {**self.params, **request.params} if request.params else (self.params or None)
+        for _ in range(MAX_REDIRECTS + 1):
+            async with self.session().request(method, url, data=body, params=params, **options) as resp:
+                if resp.status in _REDIRECTS and "Location" in resp.headers:
+                    url = self._redirect_target(request, resp.url, resp.headers["Location"])
+                    params = None  # the Location is the whole new URL
+                    if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+                        method, body = "GET", None
+                    continue
+                if request.sink is not None and resp.status < 300:
+                    await _stream(resp, request.sink)
+                    return Answer(resp.status, b"", resp.content_type, resp.headers)
+                return Answer(resp.status, await resp.read(), resp.content_type, resp.headers)
+        raise APIConnectionError(f"{request.method} {request.path}: more than {MAX_REDIRECTS} redirects")
+
+    def _redirect_target(self, request: Request, current: Any, location: str) -> Any:
+        """Where a redirect leads, if it stays within the base URL's origin; else PermissionDeniedError."""
+        from yarl import URL  # aiohttp's URL type
+
+        target = current.join(URL(location))
+        base = URL(self.base_url)
+        if (target.scheme, target.host, target.port) != (base.scheme, base.host, base.port):
+            raise PermissionDeniedError(
+                f"{request.method} {request.path}: the server redirected to "
+                f"{_wire.shorten(str(target.origin()))}, another origin than {base.origin()}; not followed, "
+                "so the API key is not sent there (set base_url to the service's real address)",
+                status=403,
+                code="cross_origin_redirect",
+            )
+        return target
+
+    # ----------------------------------------------------------------------------------------- policy
+
+    def encode(self, body: Any, msgpack: bool, what: str) -> tuple[bytes, str]:
+        try:
+            return _wire.encode(body, msgpack)
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
+            raise ConfigurationError(
+                f"{what}: the request body cannot be encoded ({describe(exc)}); integers (token ids) must "
+                "fit in 64 bits and values must be numbers, strings, lists or the package's types"
+            ) from None
 
     async def request(self, method: str, path: str, result: type[T], **options: Unpack[CallOptions]) -> T:
         """``call`` (with retries), its answer decoded into ``result``."""
-        payload, content_type = await self.call(method, path, **options)
-        return decode(payload, content_type, result)
+        answer = await self.call(method, path, **options)
+        return decode(answer.payload, answer.content_type, result)
 
     async def call(
         self,
@@ -490,111 +390,65 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         backpressure: bool = False,
         batch: bool = False,
-    ) -> tuple[bytes, str]:
-        """Send a request with retries; return the body and content type of the successful answer.
+        budget: RetryBudget | None = None,
+    ) -> Answer:
+        """Send a request with retries (from ``budget``, else a fresh one); return the successful answer.
 
-        ``body`` is encoded as MessagePack when the server advertised it, else as JSON. ``key`` is the
-        idempotency key (a fresh one is made for non-GET requests without one). ``batch``: the request may
-        share a ``POST batch`` with others (where the server has the extension; see ``_Batcher``).
+        ``body`` is encoded as MessagePack when the server advertised it, else as JSON (a body that cannot
+        be encoded raises ``ConfigurationError`` before anything is sent). ``key`` is the idempotency key (a
+        fresh one is made for non-GET requests without one). ``batch``: the request may share a ``POST
+        batch`` with others (where the server has the extension).
         """
         msgpack = self.msgpack
         all_headers: dict[str, str] = dict(headers or {})
         data: bytes | None = None
         if body is not None:
-            data, all_headers["Content-Type"] = self.encode(body, msgpack)
+            data, all_headers["Content-Type"] = self.encode(body, msgpack, f"{method} {path}")
         if msgpack:
-            all_headers["Accept"] = ACCEPT_MSGPACK
+            all_headers["Accept"] = _wire.ACCEPT_MSGPACK
         if method != "GET":
-            all_headers["X-Idempotency-Key"] = key or self.auto_key()
+            all_headers[_wire.IDEMPOTENCY_KEY] = key or self.auto_key()
         features = self._features or frozenset()
         batched = batch and "batch" in features and data is not None and len(data) <= BATCH_MAX_BYTES
-
-        async def attempt() -> tuple[bytes, str]:
-            if batched:
-                assert data is not None
-                answer = await self._batcher.send(path, data, all_headers)
-            else:
-                answer = await self.send(method, path, data, all_headers, params)
-            if answer.status < 300:
-                return answer.payload, answer.content_type
-            raise self.failure(method, path, answer)
-
-        return await self.retrying(attempt, f"{method} {path}", backpressure=backpressure)
-
-    async def send(
-        self,
-        method: str,
-        path: str,
-        data: bytes | None,
-        headers: Mapping[str, str],
-        params: Mapping[str, str | int] | None = None,
-    ) -> Answer:
-        """One HTTP request, no retries."""
-        body = None if data is None else _raw_body_class()(data, headers["Content-Type"])
-        async with self.session().request(
-            method, self.url(path), data=body, params=params, headers=headers
-        ) as resp:
-            return Answer(resp.status, await resp.read(), resp.content_type, resp.headers)
-
-    async def send_batch(self, items: list[BatchItem], inline: bool) -> list[Answer]:
-        """``POST batch`` (no retries): the answer of each request, or the batch's own failure for each."""
-        msgpack = self.msgpack
-        data, content_type = self.encode(BatchRequest(requests=items), msgpack)
-        headers = {"Content-Type": content_type, "X-Idempotency-Key": self.auto_key()}
-        if inline and self.submit_headers:
-            headers.update(BATCH_INLINE_WAIT)
-        if msgpack:
-            headers["Accept"] = ACCEPT_MSGPACK
-        answer = await self.send("POST", "batch", data, headers)
-        if answer.status >= 300:
-            return [answer] * len(items)
-        responses = decode(answer.payload, answer.content_type, BatchResponse).responses
-        if len(responses) != len(items):
-            raise APIError(f"the server answered {len(responses)} requests of a batch of {len(items)}")
-        return [Answer(r.status, bytes(r.body), answer.content_type, {}) for r in responses]
-
-    def failure(self, method: str, path: str, answer: Answer) -> Exception:
-        """The exception for an error answer: ``_Retryable`` or the final ``APIStatusError``."""
-        status = answer.status
-        should = answer.headers.get("x-should-retry", "").lower()
-        retryable = should == "true" or (should != "false" and (status in RETRY_STATUSES or status >= 500))
-        message, code = _server_message(answer.payload, answer.content_type)
-        if retryable:
-            return _Retryable(f"HTTP {status} ({message})", retry_after(answer.headers), status)
-        return error_for_status(status)(
-            f"{method} {path}: HTTP {status}: {message}", status=status, code=code
+        request = Request(method, path, data, all_headers, params)
+        return await self.retrying(
+            request,
+            budget or self.retry.budget(f"{method} {path}"),
+            backpressure=backpressure,
+            batched=batched,
         )
 
     async def retrying(
-        self, attempt: Callable[[], Awaitable[T]], what: str, *, backpressure: bool = False
-    ) -> T:
-        """Run ``attempt`` until it succeeds, fails for good, or the retry budget is spent."""
-        start = time.monotonic()
-        tries = 0
+        self, request: Request, budget: RetryBudget, *, backpressure: bool = False, batched: bool = False
+    ) -> Answer:
+        """Send ``request`` until it succeeds, fails for good, or ``budget`` is spent."""
         while True:
             if backpressure:
                 await self.sampling_window()
-            tries += 1
             try:
-                return await attempt()
+                answer = await (self._batcher.send(request) if batched else self.send(request))
+                if answer.status < 300:
+                    budget.progress()
+                    return answer
+                raise self.failure(request, answer)
             except _Retryable as exc:
                 failure, hint, status = exc.failure, exc.hint, exc.status
             except connection_errors() as exc:
-                failure, hint, status = _describe(exc), None, None
+                failure, hint, status = describe(exc), None, None
             if backpressure and status == 429:
-                # sampling backpressure: everyone waits out the window, then this request goes again
+                # sampling backpressure: everyone waits out the window (spent from this request's budget)
                 self.open_sampling_window(hint)
-                start = time.monotonic()
-                continue
-            elapsed = time.monotonic() - start
-            if elapsed >= self.retry_timeout:
-                raise RetryBudgetExceededError(
-                    f"{what}: gave up after {tries} attempts in {elapsed:.1f} s "
-                    f"(retry budget {self.retry_timeout:g} s); last failure: {failure}",
-                    status=status,
-                )
-            delay = hint if hint is not None else backoff_delay(tries - 1)
-            await asyncio.sleep(min(delay, self.retry_timeout - elapsed))
+                hint = max(0.0, self._sample_backoff_until - time.monotonic())
+            await asyncio.sleep(budget.failed(failure, status, hint))
+
+    def failure(self, request: Request, answer: Answer) -> Exception:
+        """The exception for an error answer: ``_Retryable`` or the final ``APIStatusError``."""
+        status = answer.status
+        message, code = _wire.parse_error_body(answer.payload, answer.content_type)
+        if _retry.is_retryable(status, answer.headers):
+            return _Retryable(f"HTTP {status} ({message})", _retry.retry_after(answer.headers), status)
+        cls: type[APIStatusError] = error_for_status(status)
+        return cls(f"{request.method} {request.path}: HTTP {status}: {message}", status=status, code=code)
 
     # ----------------------------------------------------------------------------------------- backpressure
 
@@ -609,6 +463,20 @@ class Transport:
 
     # ----------------------------------------------------------------------------------------- futures
 
+    def _batch_headers(self) -> dict[str, str]:
+        headers = {_wire.IDEMPOTENCY_KEY: self.auto_key()}
+        if self.submit_headers:
+            headers.update(BATCH_INLINE_WAIT)
+        if self.msgpack:
+            headers["Accept"] = _wire.ACCEPT_MSGPACK
+        return headers
+
+    def _poll_batch_headers(self) -> dict[str, str]:
+        headers = {_wire.IDEMPOTENCY_KEY: self.auto_key()}
+        if self.msgpack:
+            headers["Accept"] = _wire.ACCEPT_MSGPACK
+        return headers
+
     async def poll(
         self,
         request_id: str,
@@ -618,105 +486,43 @@ class Transport:
         model_id: str | None = None,
         roundtrip: float | None = None,
         inline: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET,
+        budget: RetryBudget | None = None,
     ) -> T:
-        """Long-poll ``retrieve_future`` until the result is there (PROTOCOL.md §3.2-3.3).
+        """Long-poll ``retrieve_future`` until the result is there (``_poll``).
 
-        A failed job raises ``RequestFailedError``; an expired future ``GoneError``; a run of failures
-        (connection errors, 429, 5xx) longer than the retry budget ``RetryBudgetExceededError``.
+        A failed job raises ``RequestFailedError``; an expired future ``GoneError``; failures (connection
+        errors, 429, 5xx) for longer than the retry budget without progress ``RetryBudgetExceededError``.
         """
-        session = self.session()
         msgpack = self.msgpack
-        data, content_type = self.encode(
-            FutureRetrieveRequest(request_id=request_id, model_id=model_id or msgspec.UNSET), msgpack
+        request = poll_request(
+            request_id,
+            model_id,
+            msgpack=msgpack,
+            request_type=request_type,
+            key=self.auto_key(),
+            roundtrip=roundtrip,
+            read_timeout=self._poller.read_timeout,
         )
-        headers = {
-            "Content-Type": content_type,
-            "X-Idempotency-Key": self.auto_key(),
-            "X-HpcAI-Request-Type": request_type,
-        }
-        if msgpack:
-            headers["Accept"] = ACCEPT_MSGPACK
-        timeout = aiohttp_module().ClientTimeout(
-            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=POLL_READ_TIMEOUT
-        )
-        url = self.url("retrieve_future")
         batched = "batch" in (self._features or ())
-        start = time.monotonic()
-        failing_since: float | None = None
-        failures = 0
-        iteration = 0
-        while True:
-            headers["X-HpcAI-Request-Iteration"] = str(iteration)
-            if iteration == 0 and roundtrip is not None:
-                headers["X-HpcAI-Create-Promise-Roundtrip-Time"] = f"{roundtrip:.6f}"
-            elif iteration == 1:
-                headers.pop("X-HpcAI-Create-Promise-Roundtrip-Time", None)
-            iteration += 1
-            sent = time.monotonic()
-            hint: float | None = None
-            try:
-                if inline is not msgspec.UNSET:  # the submit's answer carried the result ("inline_result")
-                    answer = Answer(200, bytes(inline), MSGPACK if msgpack else JSON, {})
-                    inline = msgspec.UNSET
-                elif batched:  # with other polls in one batch while POLL_SLOTS polls are out
-                    answer = await self._poll_batcher.send("retrieve_future", data, headers)
-                else:
-                    async with session.post(url, data=data, headers=headers, timeout=timeout) as resp:
-                        answer = Answer(resp.status, await resp.read(), resp.content_type, resp.headers)
-            except connection_errors() as exc:
-                failure = _describe(exc)
-            else:
-                status, payload, content_type = answer.status, answer.payload, answer.content_type
-                if status == 200:
-                    probe = decode(payload, content_type, _Probe)
-                    if probe.type == "try_again":
-                        failing_since, failures = None, 0
-                        if probe.queue_state != "batch":  # "batch": another poll of its batch was answered
-                            await self._pause_after_try_again(start, sent)
-                        continue
-                    if probe.error is not None:
-                        message = probe.message if isinstance(probe.message, str) else str(probe.error)
-                        raise RequestFailedError(message, code=str(probe.error), request_id=request_id)
-                    return decode(payload, content_type, result)
-                if status == 408:
-                    # "still queued" (the official server's long-poll timeout): not a failure, poll again
-                    failing_since, failures = None, 0
-                    await self._pause_after_try_again(start, sent)
-                    continue
-                if status != 429 and status < 500:
-                    message, code = _server_message(payload, content_type)
-                    cls: type[APIStatusError] = error_for_status(status)
-                    raise cls(
-                        f"retrieve_future: HTTP {status}: {message}",
-                        status=status,
-                        code=code,
-                        request_id=request_id,
-                    )
-                failure = f"HTTP {status} ({_server_message(payload, content_type)[0]})"
-                hint = retry_after(answer.headers)
-            now = time.monotonic()
-            if failing_since is None:
-                failing_since = now
-            elif now - failing_since >= self.retry_timeout:
-                raise RetryBudgetExceededError(
-                    f"retrieve_future: {failures + 1} failed polls in {now - failing_since:.1f} s "
-                    f"(retry budget {self.retry_timeout:g} s); last failure: {failure}",
-                    request_id=request_id,
-                )
-            await asyncio.sleep(hint if hint is not None else backoff_delay(failures))
-            failures += 1
+        answer = None
+        if inline is not msgspec.UNSET:  # the submit's answer carried the result ("inline_result")
+            answer = Answer(200, bytes(inline), _wire.MSGPACK if msgpack else _wire.JSON, {})
+        return await self._poller.poll(
+            self._poll_batcher.send if batched else self.send,
+            request,
+            result,
+            budget or self.retry.budget(f"retrieve_future ({request_type})"),
+            request_id=request_id,
+            inline=answer,
+        )
 
-    async def _pause_after_try_again(self, start: float, sent: float) -> None:
-        """Re-poll at once after a long-poll; after a quick answer wait ~20 % of the time waited so far.
 
-        A poll the server held (a long-poll) took clearly longer than the round trip, which is estimated as
-        the shortest poll seen lately; a quick ``try_again`` from a server that does not hold polls is
-        followed by a pause, so such a server sees a few polls per future, not one per round trip.
-        """
-        now = time.monotonic()
-        took = now - sent
-        self._rtt = min(took, self._rtt * 1.05 + 1e-4)  # lets the estimate rise again if the path slows
-        pause = min(max(POLL_PAUSE_FRACTION * (now - start), POLL_PAUSE_MIN), POLL_PAUSE_MAX)
-        pause *= random.uniform(0.8, 1.2)
-        if took - self._rtt < pause:  # the server did not hold the request
-            await asyncio.sleep(pause)
+async def _stream(resp: Any, sink: Any) -> None:
+    total = resp.content_length
+    written = 0
+    await sink(b"", total)  # a body starts (again, on a retry): the sink starts over
+    async for block in resp.content.iter_chunked(1 << 20):
+        written += len(block)
+        await sink(block, total)
+    if total is not None and written != total:
+        raise aiohttp_module().ClientPayloadError(f"the body ended after {written} of {total} bytes")

@@ -396,7 +396,7 @@ async def _checkpoints_download(args: argparse.Namespace) -> None:
 
 async def _sample(args: argparse.Namespace) -> None:
     from . import types
-    from .training import load_tokenizer
+    from ._tokenizer import load_tokenizer
 
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = types.SamplingParams(

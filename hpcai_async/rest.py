@@ -13,12 +13,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any
 from urllib.parse import quote
 
-from ._errors import ConfigurationError
-from ._http import Answer, Transport, aiohttp_module
+from . import _wire
+from ._http import Request, Transport
 from ._loop import LoopBinding, future, on_client_loop
+from ._wire import ParsedCheckpointPath
 from .types import CheckpointsListResponse, TrainingRun, TrainingRunsResponse
 
 __all__ = ("ParsedCheckpointPath", "ProgressCallback", "RestClient", "parse_checkpoint_path")
@@ -26,34 +27,13 @@ __all__ = ("ParsedCheckpointPath", "ProgressCallback", "RestClient", "parse_chec
 ProgressCallback = Callable[[int, int | None], None]
 """Called as ``progress(bytes_written, total_bytes_or_None)`` while an archive downloads."""
 
-_SCHEME = "hpcai://"
-# Both spellings of the checkpoint kind: the hosted service's (weights / sampler_weights, PROTOCOL.md §5.8)
-# and the official SDK's parser's (training / sampler).
-_KINDS: dict[str, Literal["training", "sampler"]] = {
-    "weights": "training",
-    "training": "training",
-    "sampler_weights": "sampler",
-    "sampler": "sampler",
-}
-_DOWNLOAD_CHUNK = 1 << 20  # bytes handed to the file per write
-
-
-class ParsedCheckpointPath(NamedTuple):
-    training_run_id: str
-    checkpoint_type: Literal["training", "sampler"]
-    checkpoint_id: str
-
 
 def parse_checkpoint_path(path: str) -> ParsedCheckpointPath:
-    """Split ``hpcai://{run}/{weights|sampler_weights|training|sampler}/{checkpoint_id}`` into its parts."""
-    parts = (
-        path.removeprefix(_SCHEME).removesuffix(".tar.gz").split("/", 2) if path.startswith(_SCHEME) else []
-    )
-    if len(parts) != 3 or not parts[0] or not parts[2] or parts[1] not in _KINDS:
-        raise ConfigurationError(
-            f"not a checkpoint path: {path!r} (expected hpcai://<run>/<weights|sampler_weights>/<checkpoint>)"
-        )
-    return ParsedCheckpointPath(parts[0], _KINDS[parts[1]], parts[2])
+    """Split ``hpcai://{run}/{weights|sampler_weights|training|sampler}/{checkpoint_id}`` into its parts.
+
+    ``tinker://`` paths are read the same way; a path that is neither raises ``ConfigurationError``.
+    """
+    return _wire.parse_checkpoint_path(path)
 
 
 def _segment(value: str) -> str:
@@ -147,35 +127,37 @@ class RestClient:
         path = f"training_runs/{_segment(training_run_id)}/checkpoints/{_segment(checkpoint_id)}/archive"
         bar = _ProgressBar(target.name) if show_progress else None
         transport = self._transport
-        session = transport.session()
-        url = transport.url(path)
+        file = None
+        written = 0
 
-        async def attempt() -> None:
-            async with session.get(url, headers={"Accept": "application/gzip"}) as resp:
-                if resp.status >= 300:
-                    answer = Answer(resp.status, await resp.read(), resp.content_type, resp.headers)
-                    raise transport.failure("GET", path, answer)
-                total = resp.content_length
+        async def sink(block: bytes, total: int | None) -> None:
+            nonlocal file, written
+            if not block:  # a body starts: (re)write the file from the beginning
+                if file is None:
+                    file = partial.open("wb")
+                file.seek(0)
+                file.truncate()
                 written = 0
                 if bar is not None:
                     bar.start(total)
-                with partial.open("wb") as file:  # (re)started from the beginning on every attempt
-                    async for block in resp.content.iter_chunked(_DOWNLOAD_CHUNK):
-                        await asyncio.to_thread(file.write, block)
-                        written += len(block)
-                        if progress is not None:
-                            progress(written, total)
-                        if bar is not None:
-                            bar.update(written)
-                if total is not None and written != total:
-                    raise aiohttp_module().ClientPayloadError(
-                        f"archive ended after {written} of {total} bytes"
-                    )
+                return
+            assert file is not None
+            await asyncio.to_thread(file.write, block)
+            written += len(block)
+            if progress is not None:
+                progress(written, total)
+            if bar is not None:
+                bar.update(written)
 
+        request = Request("GET", path, headers={"Accept": _wire.GZIP}, sink=sink)
         try:
-            await transport.retrying(attempt, f"GET {path}")
+            await transport.retrying(request, transport.retry.budget(f"GET {path}"))
+            assert file is not None
+            file.close()
             os.replace(partial, target)
         finally:
+            if file is not None:
+                file.close()
             partial.unlink(missing_ok=True)
             if bar is not None:
                 bar.close()

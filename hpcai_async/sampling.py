@@ -4,23 +4,26 @@ Sampling requests are unordered: each goes out at once (``POST asample`` with ``
 1`` and a ``{session}:unordered:{n}`` idempotency key) and is polled like any future. A 429 answer is
 backpressure: it opens a short window, shared by every SamplingClient of the ServiceClient, during which no
 sampling request is sent; the request then goes again. A future that expired on the server (410) is sampled
-again, within the retry budget.
+again, within the retry budget, and so is one the server no longer knows (404 after a restart): sampling
+has no side effects. One retry budget covers a sample's submits, polls and re-submits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
 
-from ._errors import APIError, ConfigurationError, GoneError
+from . import _wire
+from ._errors import APIError, ConfigurationError, GoneError, NotFoundError
 from ._http import Transport
 from ._loop import LoopBinding, future, on_client_loop
 from .types import ModelInput, SampleRequest, SampleResponse, SamplingParams, UntypedAPIFuture
 
 __all__ = ("SamplingClient",)
 
-_BACKPRESSURE_HEADERS = {"X-HpcAI-Sampling-Backpressure": "1"}
+_BACKPRESSURE_HEADERS = {_wire.SAMPLING_BACKPRESSURE: "1"}
 
 
 class SamplingClient:
@@ -33,11 +36,14 @@ class SamplingClient:
     def __init__(
         self, transport: Transport, *, model_path: str | None = None, base_model: str | None = None
     ) -> None:
-        if model_path is not None and not model_path.startswith("hpcai://"):
-            raise ConfigurationError(f"model_path must start with 'hpcai://', got {model_path!r}")
+        if model_path is not None and not _wire.is_checkpoint_path(model_path):
+            raise ConfigurationError(
+                f"model_path must start with 'hpcai://' (or 'tinker://'), got {_wire.shorten(model_path)}"
+            )
         if model_path is None and base_model is None:
             raise ConfigurationError("a SamplingClient needs a model_path or a base_model")
         self._transport = transport
+        self._retry = transport.retry
         self.model_path = model_path
         self.base_model = base_model
 
@@ -69,7 +75,7 @@ class SamplingClient:
         )
         transport = self._transport
         await transport.features()  # the body's encoding depends on them (fetched once per ServiceClient)
-        start = time.monotonic()
+        budget = self._retry.budget("asample")  # one budget: submits, polls and re-submits
         while True:
             sent = time.monotonic()
             submitted = await transport.request(
@@ -81,6 +87,7 @@ class SamplingClient:
                 headers={**_BACKPRESSURE_HEADERS, **transport.submit_headers},
                 backpressure=True,
                 batch=True,
+                budget=budget,
             )
             try:
                 return await transport.poll(
@@ -89,11 +96,12 @@ class SamplingClient:
                     request_type="Sample",
                     roundtrip=time.monotonic() - sent,
                     inline=submitted.result,
+                    budget=budget,
                 )
-            except GoneError:
-                # the server dropped the future (a restart, an expiry): sample again while the budget lasts
-                if time.monotonic() - start >= transport.retry_timeout:
-                    raise
+            except (GoneError, NotFoundError) as exc:
+                # The server no longer knows a future it accepted (a restart: 404; an expiry: 410). Sampling
+                # has no side effects, so sample again, from this request's budget.
+                await asyncio.sleep(budget.failed(f"retrieve_future: {exc.message}", exc.status))
 
     sample = future(sample_async)
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Mapping
 from types import TracebackType
 
 from ._errors import APIError, ConfigurationError
-from ._http import DEFAULT_BASE_URL, Transport
+from ._http import DEFAULT_BASE_URL, REQUEST_READ_TIMEOUT, Transport
 from ._loop import LoopBinding, blocking, on_client_loop
+from ._poll import POLL_READ_TIMEOUT
+from ._retry import DEFAULT_RETRY_TIMEOUT, RetryPolicy
 from .rest import RestClient
 from .sampling import SamplingClient
 from .training import TrainingClient
@@ -29,9 +32,14 @@ class ServiceClient:
     """The entry point: creates training, sampling and REST clients that share one keep-alive session.
 
     ``base_url`` and ``api_key`` default to ``HPCAI_BASE_URL`` and ``HPCAI_API_KEY`` (an argument wins over
-    the environment; the URL defaults to the hosted service). ``connection_limit`` caps the open connections,
-    ``retry_timeout`` the total time spent retrying one request (seconds), ``request_timeout`` the wait for
-    any single read. Use it as ``with`` / ``async with``, or call ``close()`` / ``aclose()``.
+    the environment; the URL defaults to the hosted service). ``connection_limit`` caps the open connections;
+    ``retry_timeout`` (300 s) is the retry budget: how long one operation may go on failing without progress
+    before ``RetryBudgetExceededError``; ``max_retries`` (default: no cap) also caps the failed attempts in a
+    row; ``request_timeout`` (60 s; the official ``timeout=``) is the wait for any single read of a
+    request, ``poll_timeout`` (45 s) that of a ``retrieve_future`` long-poll. ``default_headers`` and
+    ``default_query`` go with every request. The official ``http_client`` (an httpx client) is refused, and
+    ``_strict_response_validation`` is accepted and has no effect (answers are always validated). Use it as
+    ``with`` / ``async with``, or call ``close()`` / ``aclose()``.
     """
 
     def __init__(
@@ -39,10 +47,16 @@ class ServiceClient:
         base_url: str | None = None,
         api_key: str | None = None,
         *,
-        connection_limit: int = 100,
-        retry_timeout: float = 300.0,
-        request_timeout: float = 60.0,
+        timeout: float | None = None,
+        max_retries: int | None = None,
         default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, str | int] | None = None,
+        http_client: object | None = None,
+        connection_limit: int = 100,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        request_timeout: float = REQUEST_READ_TIMEOUT,
+        poll_timeout: float = POLL_READ_TIMEOUT,
+        _strict_response_validation: bool = True,
     ) -> None:
         base_url = base_url or os.environ.get("HPCAI_BASE_URL") or DEFAULT_BASE_URL
         api_key = api_key or os.environ.get("HPCAI_API_KEY")
@@ -52,15 +66,28 @@ class ServiceClient:
             raise ConfigurationError(f"base_url must start with http:// or https://, got {base_url!r}")
         if connection_limit < 1:
             raise ConfigurationError(f"connection_limit must be at least 1, got {connection_limit}")
-        if retry_timeout < 0 or request_timeout <= 0:
-            raise ConfigurationError("retry_timeout must be >= 0 and request_timeout > 0")
+        if http_client is not None:
+            raise ConfigurationError(
+                "http_client: hpcai_async has its own aiohttp session, not an httpx client; use "
+                "connection_limit=, timeout=, default_headers= instead"
+            )
+        if timeout is not None:  # the official keyword: a number, or an httpx.Timeout (its read timeout)
+            timeout = getattr(timeout, "read", timeout)
+            request_timeout = float(timeout) if timeout is not None else request_timeout
+        if retry_timeout < 0 or request_timeout <= 0 or poll_timeout <= 0:
+            raise ConfigurationError(
+                "retry_timeout must be >= 0, request_timeout (timeout) and poll_timeout > 0; got "
+                f"{retry_timeout}, {request_timeout}, {poll_timeout}"
+            )
         self._transport = Transport(
             base_url,
             api_key,
             connection_limit=connection_limit,
-            retry_timeout=retry_timeout,
+            retry=RetryPolicy(timeout=retry_timeout, max_retries=max_retries),
             request_timeout=request_timeout,
+            poll_timeout=poll_timeout,
             headers=default_headers,
+            params=default_query,
         )
 
     @property
@@ -135,11 +162,15 @@ class ServiceClient:
         base_model: str,
         rank: int = 32,
         seed: int | None = None,
-        train_mlp: bool = True,
+        train_mlp: bool = False,
         train_attn: bool = True,
         train_unembed: bool = False,
     ) -> TrainingClient:
-        """Start a LoRA training run on ``base_model`` and return its TrainingClient."""
+        """Start a LoRA training run on ``base_model`` and return its TrainingClient.
+
+        The defaults are the official SDK's method defaults (attention layers only), so a ported script
+        trains the same adapters; ``types.LoraConfig``'s own field defaults differ (``train_mlp=True``).
+        """
         if not (train_mlp or train_attn or train_unembed):
             raise ConfigurationError("at least one of train_mlp, train_attn or train_unembed must be True")
         lora = LoraConfig(
@@ -168,8 +199,15 @@ class ServiceClient:
         )
         return created.model_id
 
-    def create_training_client(self, model_id: str, base_model: str | None = None) -> TrainingClient:
+    def create_training_client(
+        self, model_id: str | None = None, base_model: str | None = None
+    ) -> TrainingClient:
         """A TrainingClient for an existing run ``model_id`` (no request is sent)."""
+        if not model_id:
+            raise ConfigurationError(
+                "create_training_client needs the model_id of an existing run; "
+                "start a new run with create_lora_training_client(base_model, rank=...)"
+            )
         return TrainingClient(self._transport, model_id, base_model)
 
     @on_client_loop
@@ -189,6 +227,7 @@ class ServiceClient:
     )
 
     async def _from_state(self, path: str, *, optimizer: bool) -> TrainingClient:
+        """A new run shaped like the checkpoint's, loaded from it; unloaded again if the load fails."""
         run = await self.create_rest_client().get_training_run_by_checkpoint_path_async(path)
         if not run.is_lora or run.lora_rank is None:
             raise APIError(
@@ -206,11 +245,18 @@ class ServiceClient:
             )
         else:
             client = await self.create_lora_training_client_async(run.base_model, rank=run.lora_rank)
-        if optimizer:
-            loaded = await client.load_state_with_optimizer_async(path)
-        else:
-            loaded = await client.load_state_async(path)
-        await loaded
+        try:
+            if optimizer:
+                loaded = await client.load_state_with_optimizer_async(path)
+            else:
+                loaded = await client.load_state_async(path)
+            await loaded
+        except BaseException:
+            # the run exists only for this restore: leave nothing loaded behind (as Tinkex does), then
+            # raise the load's own error; a failure to unload must not hide it
+            with contextlib.suppress(Exception):
+                await (await client.unload_model_async())
+            raise
         return client
 
     # ----------------------------------------------------------------------------------------- others

@@ -17,11 +17,8 @@ result.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar
 
 import msgspec
@@ -30,6 +27,7 @@ from ._errors import APIError, ConfigurationError
 from ._futures import APIFuture
 from ._http import Transport
 from ._loop import LoopBinding, blocking, on_client_loop, submit
+from ._tokenizer import load_tokenizer
 from .sampling import SamplingClient
 from .types import (
     AdamParams,
@@ -65,7 +63,6 @@ __all__ = (
     "chunk_data",
     "combine_metrics",
     "combine_outputs",
-    "tokenizer_id",
 )
 
 T = TypeVar("T")
@@ -180,49 +177,6 @@ def combine_outputs(results: Sequence[ForwardBackwardOutput]) -> ForwardBackward
         loss_fn_outputs=[out for r in results for out in r.loss_fn_outputs],
         metrics=combine_metrics([r.metrics for r in results], [len(r.loss_fn_outputs) for r in results]),
     )
-
-
-# --------------------------------------------------------------------------------------------- tokenizers
-
-
-def tokenizer_id(model_name: str) -> str:
-    """The Hugging Face tokenizer for a served model name (the official client's rules, PROTOCOL.md §8.4)."""
-    if model_name.startswith("meta-llama/Llama-3"):
-        return "baseten/Meta-Llama-3-tokenizer"  # the ungated copy
-    if model_name.count("/") == 2:
-        org, model, _variant = model_name.split("/")
-        return f"{org}/{model}"
-    return model_name
-
-
-def _builtin_dir(model_name: str) -> Path | None:
-    """The folder of a model built into the package (its tokenizer ships with it), found without torch."""
-    try:
-        from .server import models  # light: no torch, no transformers
-
-        name, folder = models.BUILTIN_NAME, models.BUILTIN_DIR
-    except ImportError:  # a client without the server package
-        name, folder = "hpcai-async/tiny-qwen3", Path(__file__).parent / "server" / "builtin"
-    if model_name != name:
-        return None
-    return folder if (folder / "tokenizer.json").is_file() else None
-
-
-def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model_name``: shipped with a built-in model, in a local folder, or from the Hub."""
-    if importlib.util.find_spec("transformers") is None:
-        raise ConfigurationError(
-            "get_tokenizer needs the transformers package: pip install 'hpcai_async[transformers]'"
-        )
-    local = _builtin_dir(model_name) or (Path(model_name) if os.path.isdir(model_name) else None)
-    if local is not None and (local / "tokenizer.json").is_file():
-        # the fast tokenizer class alone: unlike AutoTokenizer it does not import torch
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(local))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(local) if local else tokenizer_id(model_name), use_fast=True)
 
 
 # --------------------------------------------------------------------------------------------- the client

@@ -17,6 +17,7 @@ A file lock makes parallel test processes (and the benchmarks) wait for one buil
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / ".official"
@@ -123,3 +125,12 @@ def official_sdist() -> Path:
             with tarfile.open(SDIST / "hpcai-0.2.0.tar.gz") as archive:
                 archive.extractall(SDIST, filter="data")
     return unpacked
+
+
+def run_official(python: str, script: str, *args: str, timeout: float = 120.0) -> Any:
+    """Run ``script`` under the official SDK's Python; return the JSON it printed on its last line."""
+    done = subprocess.run(
+        [python, "-c", script, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, f"the official SDK's script failed:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -97,7 +97,7 @@ def test_headers_and_bodies_match_the_official_client(null_server: HasURL) -> No
             "rank": 4,
             "seed": None,
             "train_unembed": False,
-            "train_mlp": True,
+            "train_mlp": False,
             "train_attn": True,
         },
         "type": "create_model",

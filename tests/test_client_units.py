@@ -7,7 +7,8 @@ import pytest
 
 import hpcai_async
 from hpcai_async import types
-from hpcai_async._http import backoff_delay, retry_after
+from hpcai_async._retry import backoff_delay, retry_after
+from hpcai_async._tokenizer import tokenizer_id
 from hpcai_async.rest import parse_checkpoint_path
 from hpcai_async.training import (
     MAX_CHUNK_LEN,
@@ -15,7 +16,6 @@ from hpcai_async.training import (
     chunk_data,
     combine_metrics,
     combine_outputs,
-    tokenizer_id,
 )
 
 
@@ -37,6 +37,8 @@ def test_all_is_sorted_complete_and_importable() -> None:
     for name in hpcai_async.__all__:
         assert hasattr(hpcai_async, name), name
     public = {n for n in vars(hpcai_async) if not n.startswith("_")} - {
+        "checkpoint_utils",
+        "lib",
         "rest",
         "sampling",
         "server",  # the local server's package, once imported

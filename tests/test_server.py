@@ -391,7 +391,7 @@ def test_msgpack_round_trip_with_raw_tensor_bytes(null_server: LocalServer) -> N
         assert status == 200
         result = msgspec.msgpack.decode(msgspec.msgpack.encode(out), type=types.ForwardBackwardOutput)
         logprobs = result.loss_fn_outputs[0]["logprobs"]
-        assert isinstance(logprobs.data, bytes) and len(logprobs.data) == 7 * 4  # raw float32, not a list
+        assert isinstance(logprobs.raw, bytes) and len(logprobs.raw) == 7 * 4  # raw float32, not a list
         assert logprobs.to_numpy().shape == (7,)
         # errors follow the negotiated codec too
         status, out = await w.post("forward_backward", {**req, "model_id": "nope"}, msgpack=True)
@@ -470,6 +470,7 @@ def test_a_job_failing_while_running_resolves_to_an_error_body(server_factory: F
             "error": "InternalServerError",
             "message": "RuntimeError: the optimizer exploded",
             "details": None,
+            "code": None,
         }
         # a save dying half-way leaves no checkpoint and no leftovers
         out = await w.call("save_weights", {"model_id": model_id, "path": "broken"})
@@ -551,7 +552,7 @@ def test_a_missing_seq_id_times_out_and_the_model_continues(server_factory: Fact
         out = await w.call("forward", fwd_body(model_id, seq_id=4))
         assert out["metrics"]["step:max"] == 0  # 2 and 3 did not run; 4 did
         status, out = await w.post("optim_step", adam_body(model_id, seq_id=1))
-        assert status == 400 and "behind" in out["message"]
+        assert status == 409 and "behind" in out["message"]
 
     wire_test(srv, body)
 

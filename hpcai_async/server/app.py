@@ -34,12 +34,14 @@ from .._errors import (
     APIError,
     AuthenticationError,
     BadRequestError,
+    ConflictError,
     InternalServerError,
     NotFoundError,
     error_for_status,
 )
 from .engine_api import EngineAPI, SampleJob
-from .scheduler import ModelState, Record, Scheduler
+from .ordering import ReleaseSeqRequest
+from .scheduler import ModelState, Record, Scheduler, error_response
 from .store import (
     CheckpointMeta,
     RunRecord,
@@ -327,7 +329,7 @@ class Routes:
         model = self._model(req.model_id)
         try:
             fn = prepare(req, model)
-        except APIError as exc:
+        except Exception as exc:  # even a server error: the seq_id's turn passes, later ones do not wait
             if seq is not None:
                 self.scheduler.skip_seq(model.model_id, seq, fingerprint, exc)
             raise
@@ -441,6 +443,7 @@ class Routes:
             is_lora=True,
             lora_rank=lora.rank,
             model_name=base,
+            next_seq_id=model.order.next_seq_id if model is not None and "seq_id" in self.features else None,
         )
 
     async def get_info(self, request: Incoming) -> web.Response:
@@ -449,6 +452,8 @@ class Routes:
         info = self._info(req.model_id)
         if seq is None:
             return reply(request, info)
+        if info.next_seq_id is not None:  # this request takes seq_id's turn: the next one is after it
+            info.next_seq_id = max(info.next_seq_id, seq + 1)
         # With a seq_id, get_info takes its turn in the model's sequence (it answers directly, though).
         fingerprint = _fingerprint(request, raw)
         key = request.headers.get("X-Idempotency-Key") or None
@@ -715,17 +720,13 @@ class Routes:
         return reply(request, types.TryAgainResponse(request_id=record.request_id, queue_state=state))
 
     async def _wait_for(self, record: Record, answered: asyncio.Event | None) -> bool:
-        long_poll = self.scheduler.wait(record, self.scheduler.long_poll_s)
-        if answered is None or record.finished_at is not None:
-            return await long_poll
-        done = asyncio.ensure_future(long_poll)
-        stop = asyncio.ensure_future(answered.wait())
-        await asyncio.wait((done, stop), return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if done.done():
-            return done.result()
-        done.cancel()
-        return False
+        return await self.scheduler.wait(record, self.scheduler.long_poll_s, until=answered)
+
+    async def release_seq(self, request: web.Request) -> web.Response:
+        """``POST /api/v1/release_seq`` ("seq_id" extension): a reserved seq_id that will never be sent."""
+        req, _ = await decode_body(request, ReleaseSeqRequest)
+        self.scheduler.release_seq(req.model_id, req.seq_id)
+        return reply(request, {})
 
     # -------------------------------------------------------------------------------------------- batch
 
@@ -883,7 +884,10 @@ class Routes:
     def _error_response(request: Incoming, exc: Exception) -> web.Response:
         """The error answer for ``exc``: its status and message for an APIError, else a logged 500."""
         if isinstance(exc, APIError):
-            return error_reply(request, exc.status or 500, type(exc).__name__, exc.message)
+            response = reply(request, error_response(exc), exc.status or 500)
+            if isinstance(exc, ConflictError):  # the same request conflicts however often it is retried
+                response.headers["x-should-retry"] = "false"
+            return response
         log.exception("unexpected error in %s", request.path)
         return error_reply(
             request, 500, "InternalServerError", f"unexpected server error: {type(exc).__name__}: {exc}"
@@ -936,6 +940,7 @@ def build_app(routes: Routes) -> web.Application:
     app.router.add_post("/api/v1/asample", r.asample)
     app.router.add_post("/api/v1/sample", r.sample)
     app.router.add_post("/api/v1/retrieve_future", r.retrieve_future)
+    app.router.add_post("/api/v1/release_seq", r.release_seq)
     app.router.add_post("/api/v1/batch", r.batch)
     app.router.add_post("/api/v1/telemetry", r.telemetry)
     app.router.add_get("/api/v1/training_runs", r.list_training_runs)

@@ -90,7 +90,7 @@ def _tokens(chunks: list[Any], where: str, vocab_size: int) -> int:
                 f"{where}.chunks[{j}]: {type(chunk).__name__} inputs are not supported by this server; "
                 "send text as encoded_text chunks of token ids"
             )
-        arr = _tensor.as_array(chunk.tokens, "int64", what=f"{where}.chunks[{j}].tokens").reshape(-1)
+        arr = _tensor.as_array(chunk.raw, "int64", what=f"{where}.chunks[{j}].tokens").reshape(-1)
         if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
             bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
             raise BadRequestError(
@@ -136,7 +136,7 @@ def check_batch(
         for key, dtype in required.items():
             tensor = inputs[key]
             what = f"{at}.loss_fn_inputs.{key}"
-            arr = _tensor.as_array(tensor.data, tensor.dtype, tensor.shape, what=what).reshape(-1)
+            arr = _tensor.as_array(tensor.raw, tensor.dtype, tensor.shape, what=what).reshape(-1)
             if arr.size != n:
                 raise BadRequestError(
                     f"{what}: {arr.size} values, but model_input has {n} tokens; per-token inputs are "

@@ -6,15 +6,19 @@ device queue, which one asyncio task drains in FIFO order, handing each job to a
 the engine sees one call at a time, the event loop only awaits, and health checks and long-polls answer while
 the engine works.
 
-Ordering (per model): a request with a ``seq_id`` waits until every lower id of its model was released; the
-first id after ``create_model`` is 1 (PROTOCOL.md §4.2). If the next id does not arrive within
-``seq_gap_timeout_s`` of a later one waiting, the waiting requests fail with an error naming the missing id
-and the model continues after them. Requests without ``seq_id`` run in arrival order. Different models
+Ordering (per model): a request with a ``seq_id`` waits for its turn (the rules are in ``ordering.py``). If
+the next id does not arrive within ``seq_gap_timeout_s`` of a later one waiting, the waiting requests fail
+with an error naming the missing id. Requests without ``seq_id`` run in arrival order. Different models
 interleave on the device queue.
 
 Idempotency: a request whose ``X-Idempotency-Key`` -- or, for ordered requests, whose (model_id, seq_id) --
 was seen before gets the original future back (it is not run twice) when its route and body are
-byte-identical, and ``ConflictError`` (409) when they differ. Keys are remembered as long as their result is.
+byte-identical, and ``ConflictError`` (409, code ``idempotency_conflict`` / ``sequence_conflict``) when they
+differ. Keys are remembered as long as their result is.
+
+A job that fails -- with any exception, even a ``BaseException`` from the engine, or a failure of the worker
+itself -- finishes with an error; the jobs beside it still run, so no future is left "try again" forever.
+Models that ended (unloaded or failed) are forgotten beyond the newest ``max_ended_models``.
 
 Sampling: concurrent ``asample`` requests for the same (base model, adapter) join one open batch -- everything
 that queued up while the device was busy, plus a window of ``sample_window_s`` -- and run as one
@@ -39,8 +43,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import types
-from .._errors import APIError, BadRequestError, ConflictError, GoneError, NotFoundError
+from .._errors import APIError, BadRequestError, ConflictError, GoneError, InternalServerError, NotFoundError
 from .engine_api import EngineAPI, SampleJob
+from .ordering import SEQUENCE_CONFLICT, SeqOrder
 
 __all__ = ("ModelState", "Record", "Scheduler", "error_response")
 
@@ -48,12 +53,16 @@ log = logging.getLogger("hpcai_async.server")
 
 _EXPIRED_IDS_KEPT = 100_000
 MAX_JOB_GROUP = 64  # queued jobs handed to the device thread at once (each still finishes when it has run)
+# Ended models (unloaded or failed) whose state is kept, so their requests answer "was unloaded"; a long-lived
+# server creating a model per experiment must not keep every one of them.
+MAX_ENDED_MODELS = 1000
+IDEMPOTENCY_CONFLICT = "idempotency_conflict"
 
 
 def error_response(exc: BaseException) -> types.ErrorResponse:
     """The ``{error, message}`` of an exception: API errors by class name, bad values as BadRequestError."""
     if isinstance(exc, APIError):
-        return types.ErrorResponse(error=type(exc).__name__, message=exc.message)
+        return types.ErrorResponse(error=type(exc).__name__, message=exc.message, code=exc.code)
     if isinstance(exc, ValueError | LookupError | TypeError):
         return types.ErrorResponse(error="BadRequestError", message=str(exc) or type(exc).__name__)
     return types.ErrorResponse(error="InternalServerError", message=f"{type(exc).__name__}: {exc}")
@@ -105,11 +114,15 @@ class ModelState:
     lora_config: types.LoraConfig
     status: str = "creating"  # creating | ready | failed | unloading | unloaded
     failure: str = ""
-    next_seq: int = 1
-    waiting: dict[int, _Job | None] = field(default_factory=dict)  # None: a rejected request's slot, skipped
-    seqs: dict[int, Record] = field(default_factory=dict)
-    rejected: dict[int, tuple[bytes, APIError]] = field(default_factory=dict)
+    order: SeqOrder[_Job, Record] = field(init=False)
     gap_timer: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        self.order = SeqOrder(self.model_id)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("failed", "unloaded")
 
 
 class Scheduler:
@@ -131,6 +144,7 @@ class Scheduler:
         self.sample_window_s = sample_window_s
         self.max_batch_sequences = max_batch_sequences
         self.delivered_retention_s = delivered_retention_s
+        self.max_ended_models = MAX_ENDED_MODELS
         self.engine: EngineAPI | None = None
         self.models: dict[str, ModelState] = {}
         self._records: dict[str, Record] = {}
@@ -228,29 +242,35 @@ class Scheduler:
     ) -> Record | None:
         """The earlier future of the same request (by idempotency key, or model + seq_id), or None.
 
-        Raises ConflictError when the key or the seq_id was used for a different request.
+        Raises ConflictError (409) when the key or the seq_id was used for a different request, and the
+        error of a seq_id that cannot take a turn (``SeqOrder.check``): nothing changes then.
         """
         record = self._by_key.get(idem_key) if idem_key else None
-        what = f"X-Idempotency-Key {idem_key!r}"
-        if record is None and model_id is not None and seq_id is not None:
-            model = self.models.get(model_id)
-            record = model.seqs.get(seq_id) if model is not None else None
-            what = f"seq_id {seq_id} of model {model_id}"
-            if model is not None and seq_id in model.rejected:
-                rejected_fingerprint, error = model.rejected[seq_id]
-                if rejected_fingerprint == fingerprint:
-                    raise error  # the same bad request again: the same answer
+        what, code = f"X-Idempotency-Key {idem_key!r}", IDEMPOTENCY_CONFLICT
+        model = self.models.get(model_id) if model_id is not None else None
+        if record is None and model is not None and seq_id is not None:
+            order = model.order
+            record = order.seqs.get(seq_id)
+            what, code = f"seq_id {seq_id} of model {model_id}", SEQUENCE_CONFLICT
+            rejected = order.rejected_before(seq_id) if record is None else None
+            if rejected is not None:
+                if rejected[0] == fingerprint:
+                    raise rejected[1]  # the same bad request again: the same answer
                 raise ConflictError(
-                    f"{what} was already used by a request that was rejected ({error.message}); "
-                    "use the next id"
+                    f"{what} was already used by a request that was rejected ({rejected[1].message[:200]}); "
+                    f"use the next id ({order.next_seq_id} or later)",
+                    code=code,
                 )
+            if record is None:
+                order.check(seq_id)
         if record is None:
             return None
         if record.fingerprint != fingerprint:
             raise ConflictError(
                 f"{what} was already used for a different request (request {record.request_id}, "
                 f"{record.kind}); a retry must repeat the same body, and a new request needs a new "
-                f"{'key' if 'Key' in what else 'seq_id'}"
+                f"{'key' if code == IDEMPOTENCY_CONFLICT else 'seq_id'}",
+                code=code,
             )
         return record
 
@@ -272,22 +292,33 @@ class Scheduler:
             )
         return record
 
-    async def wait(self, record: Record, timeout: float | None) -> bool:  # noqa: ASYNC109 (a long-poll)
-        """Wait until ``record`` is done (True) or ``timeout`` passes or the server shuts down (False)."""
+    async def wait(
+        self,
+        record: Record,
+        timeout: float | None,  # noqa: ASYNC109 (a long-poll's own deadline, not a call timeout)
+        until: asyncio.Event | None = None,
+    ) -> bool:
+        """Wait until ``record`` is done (True) or ``timeout`` passes, ``until`` is set, or the server shuts
+        down (False). Cancelling the wait leaves nothing behind."""
         if record.finished_at is not None:
             return True
-        if self.closing:
+        if self.closing or (until is not None and until.is_set()):
             return False
         assert self._loop is not None
         waiter: asyncio.Future[bool] = self._loop.create_future()
         record.waiters.add(waiter)
         self._waiters.add(waiter)
         handle = None if timeout is None else self._loop.call_later(timeout, _resolve, waiter, False)
+        stopper = None if until is None else asyncio.ensure_future(until.wait())
+        if stopper is not None:
+            stopper.add_done_callback(lambda _: _resolve(waiter, False))
         try:
             return await waiter
         finally:
             if handle is not None:
                 handle.cancel()
+            if stopper is not None:
+                stopper.cancel()
             record.waiters.discard(waiter)
             self._waiters.discard(waiter)
 
@@ -325,12 +356,18 @@ class Scheduler:
             del self._by_key[record.idem_key]
         if record.model_id is not None and record.seq_id is not None:
             model = self.models.get(record.model_id)
-            if model is not None and model.seqs.get(record.seq_id) is record:
-                del model.seqs[record.seq_id]
+            if model is not None:
+                model.order.forget(record.seq_id, record)
 
     def _now(self) -> float:
         assert self._loop is not None
         return self._loop.time()
+
+    def _forget_ended_models(self) -> None:
+        """Keep the newest ``max_ended_models`` ended models (dicts keep creation order: oldest first)."""
+        ended = [m for m in self.models.values() if m.ended]
+        for model in ended[: max(0, len(ended) - self.max_ended_models)]:
+            del self.models[model.model_id]
 
     async def _reaper(self, on_tick: Callable[[], Awaitable[None]] | None) -> None:
         interval = max(0.05, min(self.retention_s / 2, self.delivered_retention_s / 2, 30.0))
@@ -340,6 +377,7 @@ class Scheduler:
                 now = self._now()
                 for record in [r for r in self._records.values() if self._expired_now(r, now)]:
                     self._expire(record)
+                self._forget_ended_models()
                 if on_tick is not None:
                     await on_tick()
             except Exception:  # keep expiring: a failed tick must not stop the reaper
@@ -362,38 +400,39 @@ class Scheduler:
     ) -> Record:
         """Queue ``fn`` (run on the device thread); ``ordered`` jobs go through their model's sequence.
 
-        Call ``find_duplicate`` first: this always creates a new record. Raises BadRequestError for a seq_id
-        the model has already passed.
+        Call ``find_duplicate`` first: this always creates a new record. Raises the error of a seq_id that
+        cannot take a turn (behind the sequence, or too far ahead) before creating anything.
         """
         model = self.models.get(model_id) if ordered and model_id is not None else None
-        if model is not None and seq_id is not None and seq_id < model.next_seq:
-            raise BadRequestError(
-                f"seq_id {seq_id} of model {model_id} is behind the model's sequence, which is at "
-                f"{model.next_seq}: that id ran already, or was skipped after a gap timed out; use the next "
-                "id"
-            )
+        if model is not None and seq_id is not None:
+            model.order.check(seq_id)
         record = self._new_record(kind, model_id, fingerprint, idem_key)
         job = _Job(record, fn, on_done, on_release)
         if model is None or seq_id is None:
             self._release(job)
             return record
         record.seq_id = seq_id
-        model.seqs[seq_id] = record
-        model.waiting[seq_id] = job
-        self._advance(model)
+        self._run_in_order(model, model.order.add(seq_id, job, record))
         return record
 
-    def skip_seq(self, model_id: str, seq_id: int, fingerprint: bytes, error: APIError) -> None:
-        """A request with ``seq_id`` was rejected before queueing: its turn in the sequence passes, no work.
-
-        Without this, the model's later requests would wait for that id until the gap timeout.
-        """
+    def skip_seq(self, model_id: str, seq_id: int, fingerprint: bytes, error: BaseException) -> None:
+        """A request with ``seq_id`` was rejected before queueing (a 4xx, or a server error): its turn in
+        the sequence passes, no work. Without this, the model's later requests would wait for that id until
+        the gap timeout."""
         model = self.models.get(model_id)
-        if model is None or seq_id < model.next_seq or seq_id in model.waiting or seq_id in model.seqs:
+        if model is None:
             return
-        model.rejected[seq_id] = (fingerprint, error)
-        model.waiting[seq_id] = None
-        self._advance(model)
+        if not isinstance(error, APIError):
+            error = InternalServerError(f"unexpected server error: {type(error).__name__}: {error}")
+        self._run_in_order(model, model.order.skip(seq_id, fingerprint, error))
+
+    def release_seq(self, model_id: str, seq_id: int) -> None:
+        """``POST /api/v1/release_seq``: ``seq_id`` will never be sent, so the model's later requests run
+        without waiting for it. Idempotent; an id already received is left alone."""
+        model = self.models.get(model_id)
+        if model is None:
+            raise NotFoundError(f"model_id: unknown model {model_id[:200]!r}; nothing to release")
+        self._run_in_order(model, model.order.release(seq_id))
 
     def _release(self, job: _Job) -> None:
         assert self._queue is not None
@@ -401,39 +440,33 @@ class Scheduler:
             job.on_release()
         self._queue.put_nowait(job)
 
-    def _advance(self, model: ModelState) -> None:
-        """Release the model's waiting jobs that are next in order; (re)arm the gap timer for what remains."""
-        released = False
-        while model.next_seq in model.waiting:
-            job = model.waiting.pop(model.next_seq)
-            model.next_seq += 1
-            released = True
-            if job is not None:
-                self._release(job)
-        if (released or not model.waiting) and model.gap_timer is not None:
+    def _run_in_order(self, model: ModelState, ready: list[_Job]) -> None:
+        """Queue the jobs that are next in ``model``'s order; (re)arm the gap timer for what still waits."""
+        for job in ready:
+            self._release(job)
+        if (ready or not model.order.waiting) and model.gap_timer is not None:
             model.gap_timer.cancel()
             model.gap_timer = None
-        if model.waiting and model.gap_timer is None:
+        if model.order.waiting and model.gap_timer is None:
             assert self._loop is not None
             model.gap_timer = self._loop.call_later(
-                self.seq_gap_timeout_s, self._gap_expired, model, model.next_seq
+                self.seq_gap_timeout_s, self._gap_expired, model, model.order.next_seq
             )
 
     def _gap_expired(self, model: ModelState, missing: int) -> None:
         model.gap_timer = None
-        if model.next_seq != missing or not model.waiting:
+        order = model.order
+        if order.next_seq != missing or not order.waiting:
             return
-        ids = sorted(model.waiting)
+        ids = sorted(order.waiting)
+        jobs, _ = order.give_up_gap()
         error = BadRequestError(
             f"seq_id {missing} of model {model.model_id} never arrived within {self.seq_gap_timeout_s:g} "
             f"s, so the requests queued behind it (seq_id {ids[0]}..{ids[-1]}) did not run; the model "
-            f"continues with seq_id {ids[-1] + 1}"
+            f"continues with seq_id {order.next_seq}"
         )
-        for seq in ids:
-            job = model.waiting.pop(seq)
-            if job is not None:
-                self._finish(job.record, error)
-        model.next_seq = ids[-1] + 1
+        for job in jobs:
+            self._finish(job.record, error)  # never released: its on_release/on_done do not apply
 
     def submit_sample(self, job: SampleJob, *, fingerprint: bytes, idem_key: str | None = None) -> Record:
         """Queue a sampling request: it joins the open batch of its (base model, adapter) if there is room."""
@@ -459,20 +492,37 @@ class Scheduler:
         while True:
             item = pending if pending is not None else await queue.get()
             pending = None
+            items = [item]  # and the jobs queued behind it, up to a sample batch: one thread hop for all
+            while isinstance(item, _Job) and len(items) < MAX_JOB_GROUP and not queue.empty():
+                following = queue.get_nowait()
+                if isinstance(following, _SampleBatch):
+                    pending = following
+                    break
+                items.append(following)
             try:
                 if isinstance(item, _SampleBatch):
                     await self._run_batch(item)
-                    continue
-                jobs = [item]  # and the jobs queued behind it, up to a sample batch: one thread hop for all
-                while len(jobs) < MAX_JOB_GROUP and not queue.empty():
-                    following = queue.get_nowait()
-                    if isinstance(following, _SampleBatch):
-                        pending = following
-                        break
-                    jobs.append(following)
-                await self._run_jobs(jobs)
-            except Exception:  # a bug here must not stop the device queue
+                else:
+                    await self._run_jobs([job for job in items if isinstance(job, _Job)])
+            except asyncio.CancelledError:
+                self._fail_taken(items, "the server shut down before it ran")
+                raise
+            except Exception as exc:  # a bug here must not stop the device queue, nor strand what it took
                 log.exception("the device worker failed on %r", item)
+                self._fail_taken(items, f"the server's device worker failed ({type(exc).__name__})")
+            except BaseException:
+                self._fail_taken(items, "the server's device worker stopped")
+                raise
+
+    def _fail_taken(self, items: list[_Job | _SampleBatch], why: str) -> None:
+        """Finish the unfinished records of ``items`` (taken off the queue) with a typed error."""
+        error = InternalServerError(f"{why}; the request may not have run: check the run's state, then retry")
+        for item in items:
+            if isinstance(item, _SampleBatch):
+                for record, _ in item.items:
+                    self._finish(record, error)
+            elif not item.record.done:
+                self._job_done(item, error)
 
     async def _run_jobs(self, jobs: list[_Job]) -> None:
         """Run ``jobs`` in order on the device thread; each finishes on the loop as soon as it has run."""
@@ -483,7 +533,7 @@ class Scheduler:
             for job in jobs:
                 try:
                     outcome: Any = job.fn()
-                except Exception as exc:
+                except BaseException as exc:  # even a BaseException: it fails this job, not the others
                     outcome = exc
                 with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
                     loop.call_soon_threadsafe(self._job_done, job, outcome)
@@ -517,7 +567,7 @@ class Scheduler:
                 raise RuntimeError(f"engine.sample returned {len(outcomes)} results for {len(jobs)} jobs")
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except BaseException as exc:  # even a BaseException from the engine fails only this batch
             outcomes = [exc] * len(jobs)
         finally:
             self.busy = False

@@ -10,14 +10,15 @@ per-element Python work.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 from msgspec import UNSET, Struct, UnsetType
 
-from .. import _tensor
+from .. import _tensor, _wire
 from .._tensor import TensorDtype
 
 if TYPE_CHECKING:
@@ -25,12 +26,10 @@ if TYPE_CHECKING:
 
 __all__ = (
     "AdamParams",
-    "BatchAnswer",
-    "BatchItem",
-    "BatchRequest",
-    "BatchResponse",
     "Checkpoint",
+    "CheckpointType",
     "CheckpointsListResponse",
+    "ComputeLogprobsResponse",
     "CreateModelRequest",
     "CreateModelResponse",
     "Cursor",
@@ -50,17 +49,23 @@ __all__ = (
     "LoadWeightsRequest",
     "LoadWeightsResponse",
     "LoraConfig",
+    "LossFnInputs",
+    "LossFnOutput",
     "LossFnType",
     "ModelData",
+    "ModelID",
     "ModelIdRequest",
     "ModelInput",
     "ModelInputChunk",
     "OptimStepRequest",
     "OptimStepResponse",
+    "ParsedCheckpointPath",
+    "RequestID",
     "SampleRequest",
     "SampleResponse",
     "SampledSequence",
     "SamplingParams",
+    "SaveWeightsForSamplerRequest",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsRequest",
     "SaveWeightsResponse",
@@ -71,12 +76,18 @@ __all__ = (
     "TrainingRun",
     "TrainingRunsResponse",
     "TryAgainResponse",
+    "UnloadModelRequest",
     "UnloadModelResponse",
     "UntypedAPIFuture",
 )
+# Not listed: BatchItem, BatchRequest, BatchAnswer, BatchResponse -- the structs of our "batch" protocol
+# extension, used by the client's transport and the local server, not by programs.
 
 LossFnType: TypeAlias = Literal["cross_entropy", "importance_sampling", "ppo"]
 StopReason: TypeAlias = Literal["length", "stop"]
+CheckpointType: TypeAlias = Literal["training", "sampler"]
+ModelID: TypeAlias = str  # the official SDK's names for the ids
+RequestID: TypeAlias = str
 
 # Plain lists in Datum.loss_fn_inputs get their dtype from the key (PROTOCOL.md §5.2).
 _KEY_DTYPES: dict[str, TensorDtype] = {
@@ -90,31 +101,94 @@ _KEY_DTYPES: dict[str, TensorDtype] = {
 # ---------------------------------------------------------------------------------------- tensors and inputs
 
 
+def _owned(value: Any, dtype: TensorDtype, what: str) -> Any:
+    """A payload the struct owns: lists and tuples copied to a list, arrays copied, bytes kept (immutable).
+
+    The caller may reuse its buffer afterwards (``buf.clear()``, ``arr[:] = 0``) without changing the struct,
+    as with the official SDK's types, which copy on construction too.
+    """
+    if isinstance(value, list | tuple):
+        return list(value)
+    if isinstance(value, np.ndarray):
+        if value.dtype == _tensor.DTYPES.get(dtype):
+            return value.copy()
+        return _tensor.as_array(value, dtype, what=what)  # a conversion is a copy already
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    return value
+
+
+def _as_list(raw: Any, dtype: TensorDtype, what: str) -> list[Any]:
+    if isinstance(raw, list):
+        return raw
+    out: list[Any] = _tensor.as_array(raw, dtype, what=what).reshape(-1).tolist()
+    return out
+
+
+def _list_view(cls: type, field: str, dtype: Callable[[Any], TensorDtype]) -> None:
+    """Make ``cls.<field>`` read as a list of Python numbers, whatever the payload travelled as.
+
+    msgspec stores the field in a slot and encodes, decodes and compares it from there; only Python-level
+    attribute access goes through the class attribute, which becomes this property. A payload that is not a
+    list (an array, MessagePack bytes) is converted on first read and the list replaces it, so the list is
+    the one source of truth from then on (mutating it changes the tensor, as with the official SDK). The
+    fast paths (``to_numpy()``, ``raw``) never build the list.
+    """
+    slot = cls.__dict__[field]
+
+    def get(self: Any) -> list[Any]:
+        raw = slot.__get__(self, cls)
+        if type(raw) is list:
+            return raw
+        value = _as_list(raw, dtype(self), f"{cls.__name__}.{field}")
+        slot.__set__(self, value)
+        return value
+
+    def set_(self: Any, value: Any) -> None:
+        slot.__set__(self, _owned(value, dtype(self), f"{cls.__name__}.{field}"))
+
+    cls._raw_slot = slot  # type: ignore[attr-defined]
+    setattr(cls, field, property(get, set_, doc=f"The {field} as a list of Python numbers."))
+
+
 class TensorData(Struct, kw_only=True, gc=False):
-    """A flat tensor: ``data`` row-major, ``dtype`` int64 or float32, optional ``shape`` (None = 1-D)."""
+    """A flat tensor: ``data`` row-major, ``dtype`` int64 or float32, optional ``shape`` (None = 1-D).
+
+    ``data`` may be given as a list, a numpy array (or anything array-like) or raw little-endian bytes; the
+    struct keeps its own copy (lists and arrays are copied, bytes are immutable), so the caller may reuse its
+    buffer. Reading ``.data`` always gives a list of Python numbers, as in the official SDK (built from the
+    array on first read); ``to_numpy()`` / ``to_torch()`` are the fast paths, and ``raw`` the payload as
+    carried (what MessagePack sends without per-element work).
+    """
 
     data: Any
     dtype: TensorDtype
     shape: list[int] | None = None
+    _raw_slot: ClassVar[Any]  # the slot behind ``data`` (see _list_view)
 
     def __post_init__(self) -> None:
-        # Keep arrays in their wire dtype so MessagePack can send their bytes as they are.
-        if isinstance(self.data, np.ndarray) and self.data.dtype != _tensor.DTYPES.get(self.dtype):
-            self.data = _tensor.as_array(self.data, self.dtype, what="TensorData")
+        # Arrays are kept in their wire dtype so MessagePack can send their bytes as they are.
+        slot = TensorData._raw_slot
+        slot.__set__(self, _owned(slot.__get__(self, TensorData), self.dtype, "TensorData.data"))
+
+    @property
+    def raw(self) -> Any:
+        """The payload as carried: a list, a numpy array of the wire dtype, or little-endian bytes."""
+        return TensorData._raw_slot.__get__(self, TensorData)
 
     @classmethod
     def from_numpy(cls, array: npt.ArrayLike) -> TensorData:
         arr = np.asarray(array)
         dtype = _tensor.wire_dtype(arr.dtype)
-        return cls(data=_tensor.as_array(arr.reshape(-1), dtype), dtype=dtype, shape=list(arr.shape))
+        return cls(data=arr.reshape(-1), dtype=dtype, shape=list(arr.shape))
 
     @classmethod
     def from_torch(cls, tensor: torch.Tensor) -> TensorData:
         return cls.from_numpy(_tensor.from_torch(tensor))
 
     def to_numpy(self) -> npt.NDArray[Any]:
-        """The tensor as a numpy array (no copy when it already is one)."""
-        return _tensor.as_array(self.data, self.dtype, self.shape)
+        """The tensor as a numpy array (no copy when it is carried as one: do not write to it)."""
+        return _tensor.as_array(self.raw, self.dtype, self.shape)
 
     def to_torch(self) -> torch.Tensor:
         return _tensor.to_torch(self.to_numpy())
@@ -126,35 +200,51 @@ class TensorData(Struct, kw_only=True, gc=False):
     @property
     def size(self) -> int:
         """Number of values (no conversion for arrays and bytes)."""
-        data = self.data
+        data = self.raw
         if isinstance(data, np.ndarray):
             return int(data.size)
-        if isinstance(data, bytes | bytearray | memoryview):
+        if isinstance(data, bytes):
             return len(data) // _tensor.DTYPES[self.dtype].itemsize
         return len(data)
 
     def __repr__(self) -> str:
-        data = self.data if isinstance(self.data, list) else self.tolist()
+        data = _as_list(self.raw, self.dtype, "TensorData.data")  # without replacing the payload
         return f"TensorData(data={data!r}, dtype={self.dtype!r}, shape={self.shape!r})"
 
 
 class EncodedTextChunk(Struct, kw_only=True, tag="encoded_text", tag_field="type", gc=False):
-    """Token ids of text (a list, an int array, or raw little-endian int64 bytes)."""
+    """Token ids of text: given as a list, an integer array or raw little-endian int64 bytes.
+
+    The chunk keeps its own copy (lists and arrays are copied), so ``EncodedTextChunk(tokens=buf)`` followed
+    by ``buf.clear()`` leaves the chunk intact. Reading ``.tokens`` gives a list of ints, as in the official
+    SDK; ``to_numpy()`` and ``raw`` avoid building it.
+    """
 
     tokens: Any
+    _raw_slot: ClassVar[Any]  # the slot behind ``tokens`` (see _list_view)
 
     def __post_init__(self) -> None:
-        if isinstance(self.tokens, np.ndarray) and self.tokens.dtype != _tensor.DTYPES["int64"]:
-            self.tokens = _tensor.as_array(self.tokens, "int64", what="tokens")
+        slot = EncodedTextChunk._raw_slot
+        slot.__set__(self, _owned(slot.__get__(self, EncodedTextChunk), "int64", "tokens"))
+
+    @property
+    def raw(self) -> Any:
+        """The token ids as carried: a list, an int64 array, or little-endian int64 bytes."""
+        return EncodedTextChunk._raw_slot.__get__(self, EncodedTextChunk)
 
     @property
     def length(self) -> int:
-        if isinstance(self.tokens, bytes | bytearray | memoryview):
-            return len(self.tokens) // 8
-        return len(self.tokens)
+        tokens = self.raw
+        if isinstance(tokens, bytes):
+            return len(tokens) // 8
+        return len(tokens)
 
     def to_numpy(self) -> npt.NDArray[np.int64]:
-        return _tensor.as_array(self.tokens, "int64", what="tokens").reshape(-1)
+        return _tensor.as_array(self.raw, "int64", what="tokens").reshape(-1)
+
+
+_list_view(TensorData, "data", lambda td: td.dtype)
+_list_view(EncodedTextChunk, "tokens", lambda _chunk: "int64")
 
 
 class ImageAssetPointerChunk(Struct, kw_only=True, tag="image_asset_pointer", tag_field="type"):
@@ -210,6 +300,10 @@ class ModelInput(Struct, kw_only=True):
         return self.append(EncodedTextChunk(tokens=[token]))
 
 
+LossFnInputs: TypeAlias = dict[str, TensorData]
+LossFnOutput: TypeAlias = dict[str, TensorData]
+
+
 class Datum(Struct, kw_only=True):
     """One example: ``model_input`` and the loss function's per-token inputs.
 
@@ -245,7 +339,7 @@ def _to_tensor_data(key: str, value: Any) -> TensorData:
                 f"loss_fn_inputs[{key!r}]: cannot infer the dtype of a plain list for this key; "
                 "pass a numpy array or TensorData"
             )
-        return TensorData(data=list(value), dtype=dtype, shape=[len(value)])
+        return TensorData(data=value, dtype=dtype, shape=[len(value)])
     raise ValueError(
         f"loss_fn_inputs[{key!r}]: expected TensorData, an array or a list, got {type(value).__name__}"
     )
@@ -316,6 +410,7 @@ class ModelIdRequest(Struct, kw_only=True):
 
 
 GetInfoRequest = ModelIdRequest
+UnloadModelRequest = ModelIdRequest
 
 
 class SaveWeightsRequest(Struct, kw_only=True):
@@ -324,6 +419,9 @@ class SaveWeightsRequest(Struct, kw_only=True):
     model_id: str
     path: str | UnsetType = UNSET
     seq_id: int | UnsetType = UNSET
+
+
+SaveWeightsForSamplerRequest = SaveWeightsRequest
 
 
 class LoadWeightsRequest(Struct, kw_only=True):
@@ -398,6 +496,7 @@ class ErrorResponse(Struct, kw_only=True):
     error: str
     message: str
     details: dict[str, Any] | None = None
+    code: str | None = None  # extension: a machine-readable reason, e.g. "sequence_conflict"
 
 
 class ForwardBackwardOutput(Struct, kw_only=True):
@@ -447,6 +546,7 @@ class GetInfoResponse(Struct, kw_only=True):
     is_lora: bool | None = None
     lora_rank: int | None = None
     model_name: str | None = None
+    next_seq_id: int | None = None  # extension ("seq_id"): the seq_id the model's next request must carry
 
 
 class SupportedModel(Struct, kw_only=True):
@@ -462,6 +562,11 @@ class GetServerCapabilitiesResponse(Struct, kw_only=True):
 
 class HealthResponse(Struct, kw_only=True):
     status: str
+
+
+class ComputeLogprobsResponse(Struct, kw_only=True):
+    logprobs: list[float | None]
+    type: Literal["compute_logprobs"] = "compute_logprobs"
 
 
 class SampledSequence(Struct, kw_only=True):
@@ -481,9 +586,47 @@ class SampleResponse(Struct, kw_only=True):
 
 class Checkpoint(Struct, kw_only=True):
     checkpoint_id: str
-    checkpoint_type: Literal["training", "sampler"]
+    checkpoint_type: CheckpointType
     time: _dt.datetime
     checkpoint_path: str
+
+
+class ParsedCheckpointPath(Struct, kw_only=True):
+    """A checkpoint path and its parts: ``hpcai://{training_run_id}/{checkpoint_type}/{checkpoint_id}``.
+
+    The official SDK's type; ``parse`` accepts every spelling the client does (``hpcai://`` and
+    ``tinker://``, ``weights`` / ``sampler_weights`` as well as ``training`` / ``sampler``) and raises
+    ``ConfigurationError`` (a ``ValueError``, as the official parser raises) for anything else.
+    """
+
+    checkpoint_path: str
+    training_run_id: str
+    checkpoint_type: CheckpointType
+    checkpoint_id: str
+
+    @classmethod
+    def parse(cls, path: str) -> ParsedCheckpointPath:
+        parts = _wire.parse_checkpoint_path(path)
+        return cls(
+            checkpoint_path=path,
+            training_run_id=parts.training_run_id,
+            checkpoint_type=parts.checkpoint_type,
+            checkpoint_id=parts.checkpoint_id,
+        )
+
+    @classmethod
+    def from_checkpoint_path(cls, checkpoint_path: str) -> ParsedCheckpointPath:
+        return cls.parse(checkpoint_path)
+
+    @classmethod
+    def from_hpcai_path(cls, path: str) -> ParsedCheckpointPath:
+        return cls.parse(path)
+
+    def to_path(self) -> str:
+        return f"{self.training_run_id}/{self.checkpoint_type}/{self.checkpoint_id}"
+
+    def to_uri(self) -> str:
+        return f"hpcai://{self.to_path()}"
 
 
 class CheckpointsListResponse(Struct, kw_only=True):
@@ -514,3 +657,8 @@ class Cursor(Struct, kw_only=True):
 class TrainingRunsResponse(Struct, kw_only=True):
     training_runs: list[TrainingRun]
     cursor: Cursor
+
+
+from . import _paths  # noqa: E402 - registers the official SDK's module paths, which need the names above
+
+_paths.register()

@@ -1,0 +1,167 @@
+"""The long-poll state machine: ``retrieve_future`` until a future has its result (PROTOCOL.md §3.2-3.3).
+
+A poll goes again at once after a server long-poll; after a quick ``try_again`` (a server that does not hold
+polls) it pauses about a fifth of the time waited so far, so the added latency stays within ~20 % and such a
+server sees a few polls per future, not one per round trip. A ``try_again`` or a 408 ("still queued") is
+progress for the retry budget; connection errors, 429 and 5xx spend it; any other status ends the poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from . import _retry, _wire
+from ._errors import APIError, APIStatusError, RequestFailedError, error_for_status
+from ._wire import Answer, Request
+from .types import FutureRetrieveRequest
+
+__all__ = ("POLL_READ_TIMEOUT", "Poller")
+
+T = TypeVar("T")
+
+POLL_READ_TIMEOUT = 45.0  # s, the official client's retrieve_future timeout (§3.2)
+POLL_PAUSE_FRACTION = 0.2  # pause after a quick try_again: this share of the time waited so far ...
+POLL_PAUSE_MIN = 0.001  # ... but at least 1 ms ...
+POLL_PAUSE_MAX = 1.0  # ... and at most 1 s
+
+
+class _Probe(msgspec.Struct):
+    """The fields that tell a retrieve_future answer apart: try_again, an error, or the result."""
+
+    type: Any = None
+    error: Any = None
+    message: Any = None
+    queue_state: Any = None
+
+
+class Poller:
+    """Polls futures through one ``send`` seam; keeps the round-trip estimate that tells long-polls apart."""
+
+    def __init__(
+        self, retryable: tuple[type[BaseException], ...], read_timeout: float = POLL_READ_TIMEOUT
+    ) -> None:
+        self.retryable = retryable  # the exceptions of a broken connection (aiohttp's, and timeouts)
+        self.read_timeout = read_timeout
+        self._rtt = math.inf  # shortest recent retrieve_future round trip
+
+    async def poll(
+        self,
+        send: Callable[[Request], Awaitable[Answer]],
+        request: Request,
+        result: type[T],
+        budget: _retry.RetryBudget,
+        *,
+        request_id: str,
+        inline: Answer | None = None,
+        on_queue_state: Callable[[str], None] | None = None,
+    ) -> T:
+        """Poll with ``request`` until the result is there; ``inline``: the submit's answer carried it."""
+        start = time.monotonic()
+        headers = dict(request.headers)
+        iteration = 0
+        while True:
+            headers[_wire.REQUEST_ITERATION] = str(iteration)
+            if iteration == 1:
+                headers.pop(_wire.ROUNDTRIP, None)
+            iteration += 1
+            sent = time.monotonic()
+            hint: float | None = None
+            try:
+                if inline is not None:
+                    answer, inline = inline, None
+                else:
+                    answer = await send(request._replace(headers=dict(headers)))
+            except self.retryable as exc:
+                failure, status = _describe(exc), None
+            else:
+                status = answer.status
+                if status == 200:
+                    probe = _decode(answer, _Probe)
+                    if probe.type == "try_again":
+                        budget.progress()
+                        if on_queue_state is not None and isinstance(probe.queue_state, str):
+                            on_queue_state(probe.queue_state)
+                        if probe.queue_state != "batch":  # "batch": another poll of its batch was answered
+                            await self._pause(start, sent)
+                        continue
+                    if probe.error is not None:
+                        message = probe.message if isinstance(probe.message, str) else str(probe.error)
+                        raise RequestFailedError(message, code=str(probe.error), request_id=request_id)
+                    budget.progress()
+                    return _decode(answer, result)
+                if status == 408:  # "still queued" (the official server's long-poll timeout): poll again
+                    budget.progress()
+                    await self._pause(start, sent)
+                    continue
+                message, code = _wire.parse_error_body(answer.payload, answer.content_type)
+                if status != 429 and status < 500:
+                    cls: type[APIStatusError] = error_for_status(status)
+                    raise cls(
+                        f"retrieve_future: HTTP {status}: {message}",
+                        status=status,
+                        code=code,
+                        request_id=request_id,
+                    )
+                failure, hint = f"HTTP {status} ({message})", _retry.retry_after(answer.headers)
+            try:
+                delay = budget.failed(failure, status, hint)
+            except APIError as exc:
+                exc.request_id = request_id
+                raise
+            await asyncio.sleep(delay)
+
+    async def _pause(self, start: float, sent: float) -> None:
+        """Re-poll at once after a long-poll; after a quick answer wait ~20 % of the time waited so far.
+
+        A poll the server held (a long-poll) took clearly longer than the round trip, which is estimated as
+        the shortest poll seen lately.
+        """
+        now = time.monotonic()
+        took = now - sent
+        self._rtt = min(took, self._rtt * 1.05 + 1e-4)  # lets the estimate rise again if the path slows
+        pause = min(max(POLL_PAUSE_FRACTION * (now - start), POLL_PAUSE_MIN), POLL_PAUSE_MAX)
+        pause *= random.uniform(0.8, 1.2)
+        if took - self._rtt < pause:  # the server did not hold the request
+            await asyncio.sleep(pause)
+
+
+def poll_request(
+    request_id: str,
+    model_id: str | None,
+    *,
+    msgpack: bool,
+    request_type: str,
+    key: str,
+    roundtrip: float | None,
+    read_timeout: float,
+) -> Request:
+    """The ``retrieve_future`` request for one future (its headers are the same on every poll)."""
+    data, content_type = _wire.encode(
+        FutureRetrieveRequest(request_id=request_id, model_id=model_id or msgspec.UNSET), msgpack
+    )
+    headers = {"Content-Type": content_type, _wire.IDEMPOTENCY_KEY: key, _wire.REQUEST_TYPE: request_type}
+    if msgpack:
+        headers["Accept"] = _wire.ACCEPT_MSGPACK
+    if roundtrip is not None:
+        headers[_wire.ROUNDTRIP] = f"{roundtrip:.6f}"
+    return Request("POST", "retrieve_future", data, headers, read_timeout=read_timeout)
+
+
+def _decode(answer: Answer, tp: type[T]) -> T:
+    try:
+        decoded: T = _wire.decoder(tp, _wire.is_msgpack(answer.content_type)).decode(answer.payload)
+    except msgspec.DecodeError as exc:
+        raise APIError(f"unexpected response from the server for {tp.__name__}: {exc}") from None
+    return decoded
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
