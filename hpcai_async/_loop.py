@@ -1,10 +1,7 @@
 """Event loops: the factory (uvloop when installed), loop binding, and the one generic sync-over-async bridge.
 
-All client logic is coroutines. A ServiceClient and its children are *bound* to one event loop, the loop their
-aiohttp session lives on: the caller's loop when the first call is a coroutine, else a private daemon loop
-thread (started lazily, shared by every client of the process). The blocking methods are generated from the
-coroutines by three decorators, so no signature or docstring is written twice (anyio's ``BlockingPortal`` is
-the model):
+All client logic is coroutines. The blocking methods are generated from the coroutines by three decorators,
+so no signature or docstring is written twice (anyio's ``BlockingPortal`` is the model):
 
 * ``blocking(f_async)``  -- runs ``f_async`` on the client's loop and waits for its value;
 * ``future(f_async)``    -- runs it there and returns an ``APIFuture`` of its value at once;
@@ -12,9 +9,30 @@ the model):
   ``APIFuture`` of the final result at once. Coroutines handed to one loop start in FIFO order and reserve
   their sequence ids before their first ``await``, so call order stays wire order.
 
-A blocking call made on the client's own loop thread would deadlock, so it raises ``RuntimeError`` at once. A
-coroutine method awaited on a *different* loop (a notebook's loop with a client bound to the private loop) is
-run on the client's loop and its result handed back.
+Sync and async
+--------------
+A ServiceClient and every client it creates are *bound* to one event loop, the loop their HTTP session
+lives on, chosen by the first call:
+
+1. First used from a coroutine, a client binds to that running loop: its coroutine methods run there
+   directly, at native speed, with no thread hop.
+2. First used from plain (blocking) code, it binds to a private loop in a daemon thread (one per process,
+   started on first use). Its coroutine methods awaited on any other loop (a notebook's, an
+   ``asyncio.run`` inside the script) run on the private loop and hand their result back.
+3. A plain method called from a thread that is not running the client's loop waits for the loop's answer.
+4. A plain method called *on the client's own loop thread* (``async def`` code calling a blocking form) can
+   never be answered by a loop it blocks, so:
+
+   * a method whose plain form returns a future and whose order cannot matter is scheduled on the loop as
+     a task and its future returned at once: ``sample``, ``compute_logprobs``, the RestClient's methods, and
+     ``unload_model`` (it runs after everything called before it; it ends the run). Await the future, or
+     let it finish in the background; its ``result()`` on that thread raises, as it could never finish;
+   * ``get_tokenizer()`` does its work without the loop (the tokenizer of the client's ``base_model``,
+     loaded in the calling thread);
+   * everything else (ordered training calls, blocking methods that need the server) raises
+     ``RuntimeError`` at once naming the coroutine to await, instead of deadlocking.
+
+When the bound loop has been closed (a script that calls ``asyncio.run`` twice), the next call binds again.
 """
 
 from __future__ import annotations
@@ -40,6 +58,7 @@ __all__ = (
     "future",
     "new_event_loop",
     "on_client_loop",
+    "on_own_thread",
     "private_loop",
     "submit",
 )
@@ -163,8 +182,12 @@ class LoopBinding:
                 self._on_bind(running, False)
             return self.loop
 
-    def for_sync(self, what: str) -> asyncio.AbstractEventLoop:
-        """The loop for blocking work; binds to the private loop if unbound. Refuses the loop's own thread."""
+    def for_sync(self, what: str, *, own_thread: bool = False) -> asyncio.AbstractEventLoop:
+        """The loop for blocking work; binds to the private loop if unbound.
+
+        Refuses the loop's own thread (where the caller would wait forever) unless ``own_thread``: the caller
+        then knows it is on that loop (``on_own_thread``) and will not wait.
+        """
         loop = self.loop
         if loop is None or loop.is_closed():
             with self._lock:
@@ -174,7 +197,7 @@ class LoopBinding:
                     self.loop = private_loop()
                     self._on_bind(self.loop, True)
                 loop = self.loop
-        if _running_loop() is loop:
+        if _running_loop() is loop and not own_thread:
             raise RuntimeError(
                 f"{what}() blocks, but it was called on the event loop this client runs on, where it would "
                 f"deadlock: await the coroutine instead (`await {what}_async(...)`)"
@@ -211,11 +234,27 @@ def _sync_wrapper(fn: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
     )
 
 
-def blocking(fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]]) -> Callable[Concatenate[S, P], T]:
-    """``x = blocking(x_async)``: run ``x_async`` on the client's loop and wait for its value."""
+def on_own_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the calling thread is the one running ``loop`` (a blocking wait there would never end)."""
+    return _running_loop() is loop
+
+
+def blocking(
+    fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+    *,
+    without_loop: Callable[Concatenate[S, P], T] | None = None,
+) -> Callable[Concatenate[S, P], T]:
+    """``x = blocking(x_async)``: run ``x_async`` on the client's loop and wait for its value.
+
+    ``without_loop``: what the plain form does when called on the client's own loop thread (rule 4 of
+    "Sync and async"), for work that can be done without the loop; without it such a call raises.
+    """
 
     def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        loop = self._binding.for_sync(f"{type(self).__name__}.{_name(fn)}")
+        what = f"{type(self).__name__}.{_name(fn)}"
+        loop = self._binding.for_sync(what, own_thread=without_loop is not None)
+        if without_loop is not None and on_own_thread(loop):
+            return without_loop(self, *args, **kwargs)
         cf = asyncio.run_coroutine_threadsafe(fn(self, *args, **kwargs), loop)
         try:
             return cf.result()
@@ -233,8 +272,8 @@ def future(
     """``x = future(x_async)``: start ``x_async`` on the client's loop, return an APIFuture of its value."""
 
     def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> APIFuture[T]:
-        loop = self._binding.for_sync(f"{type(self).__name__}.{_name(fn)}")
-        return APIFuture(loop, asyncio.run_coroutine_threadsafe(fn(self, *args, **kwargs), loop))
+        loop = self._binding.for_sync(f"{type(self).__name__}.{_name(fn)}", own_thread=True)
+        return _start(loop, fn(self, *args, **kwargs))
 
     _sync_wrapper(fn, wrapper)
     signature = inspect.signature(fn)  # what help() shows: the same parameters, an APIFuture of the value
@@ -253,18 +292,30 @@ async def _then(submission: Coroutine[Any, Any, APIFuture[T]]) -> T:
         raise
 
 
+def _start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> APIFuture[T]:
+    """Run ``coro`` on ``loop``: a task when called on the loop's own thread, else handed over."""
+    if on_own_thread(loop):
+        return APIFuture(loop, loop.create_task(coro))
+    return APIFuture(loop, asyncio.run_coroutine_threadsafe(coro, loop))
+
+
 def submit(
     fn: Callable[Concatenate[S, P], Coroutine[Any, Any, APIFuture[T]]],
+    *,
+    unordered_after: bool = False,
 ) -> Callable[Concatenate[S, P], APIFuture[T]]:
     """``x = submit(x_async)``: start a submission on the client's loop, return an APIFuture of its result.
 
     Returns without waiting for the POST: the coroutine reserves its sequence id as soon as the loop starts
-    it, and the loop starts coroutines in the order they were handed over.
+    it, and the loop starts coroutines in the order they were handed over. On the client's own loop thread
+    the plain form raises (a task would reserve its id only at the loop's next turn, after coroutines called
+    later), unless ``unordered_after``: a call whose order relative to *later* calls cannot matter
+    (``unload_model`` ends the run) is then scheduled there as a task.
     """
 
     def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> APIFuture[T]:
-        loop = self._binding.for_sync(f"{type(self).__name__}.{_name(fn)}")
-        return APIFuture(loop, asyncio.run_coroutine_threadsafe(_then(fn(self, *args, **kwargs)), loop))
+        loop = self._binding.for_sync(f"{type(self).__name__}.{_name(fn)}", own_thread=unordered_after)
+        return _start(loop, _then(fn(self, *args, **kwargs)))
 
     _sync_wrapper(fn, wrapper)
     return wrapper

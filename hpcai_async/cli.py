@@ -22,14 +22,14 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import msgspec
 
 from ._errors import ConfigurationError, HpcaiError
+from ._progress import ProgressBar
 
 if TYPE_CHECKING:
     from .rest import RestClient
@@ -326,46 +326,6 @@ async def _checkpoints_delete(args: argparse.Namespace) -> None:
     print(f"deleted {checkpoint_id} of {run_id}")
 
 
-class _ProgressBar:
-    """``name [#####.......]  3.1/5.2 MB  1.2 MB/s`` on stderr, redrawn in place; only on a terminal."""
-
-    def __init__(self, label: str, stream: IO[str], enabled: bool) -> None:
-        self.label, self.stream = label, stream
-        self.enabled = enabled and stream.isatty()
-        self.written = 0
-        self.total: int | None = None
-        self.start = time.monotonic()
-        self._drawn = 0.0
-
-    def __call__(self, written: int, total: int | None) -> None:
-        """The download's progress callback: bytes written so far, and the total if the server said it."""
-        self.written, self.total = written, total
-        now = time.monotonic()
-        if self.enabled and (now - self._drawn >= 0.1 or written == total):
-            self._drawn = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        rate = self.written / max(now - self.start, 1e-6)
-        size = _mb(self.written) + (f"/{_mb(self.total)}" if self.total else "") + " MB"
-        bar = ""
-        if self.total:
-            filled = int(24 * min(self.written / self.total, 1.0))
-            bar = "[" + "#" * filled + "." * (24 - filled) + "] "
-        self.stream.write(f"\r{self.label} {bar}{size}  {_mb(rate)} MB/s ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self._drawn:
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.1f}"
-
-
 def _download_target(args: argparse.Namespace, run_id: str, checkpoint_id: str) -> Path:
     out: Path = args.output or Path(f"{run_id}_{checkpoint_id}.tar.gz".replace("/", "_"))
     if out.is_dir():
@@ -380,12 +340,14 @@ def _download_target(args: argparse.Namespace, run_id: str, checkpoint_id: str) 
 async def _checkpoints_download(args: argparse.Namespace) -> None:
     run_id, checkpoint_id = _checkpoint_target(args.target)
     out = _download_target(args, run_id, checkpoint_id)
-    bar = _ProgressBar(out.name, sys.stderr, enabled=not args.quiet)
+    bar = ProgressBar(out.name, sys.stderr, enabled=not args.quiet, tty_only=True)
 
     # The client streams the archive to a temporary file beside ``out`` and renames it when complete, so an
     # interrupted or failed download never leaves a file under the final name.
     async def body(rest: RestClient) -> Path:
-        return await rest.download_checkpoint_archive_async(run_id, checkpoint_id, out, progress=bar)
+        path = await rest.download_checkpoint_archive_async(run_id, checkpoint_id, out, progress=bar)
+        assert isinstance(path, Path)  # given a destination, it streams to that file
+        return path
 
     try:
         path = await _with_rest(args, body)

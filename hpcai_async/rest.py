@@ -1,7 +1,8 @@
 """RestClient: training runs and checkpoints (list, show, delete, download), and the checkpoint-path parser.
 
-Archives are streamed to disk, never held in memory: they are written to a temporary file beside the
-destination and renamed into place once complete, so a failed download leaves nothing half-written behind.
+An archive is streamed to disk when a destination is given: to a temporary file beside it, renamed into place
+once complete, so a failed download leaves nothing half-written behind. Without one it is returned as bytes
+(the official SDK's form), refused above a size cap.
 """
 
 from __future__ import annotations
@@ -9,23 +10,32 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Protocol
 from urllib.parse import quote
 
 from . import _wire
+from ._errors import ConfigurationError
 from ._http import Request, Transport
 from ._loop import LoopBinding, future, on_client_loop
+from ._progress import ProgressBar
 from ._wire import ParsedCheckpointPath
 from .types import CheckpointsListResponse, TrainingRun, TrainingRunsResponse
 
-__all__ = ("ParsedCheckpointPath", "ProgressCallback", "RestClient", "parse_checkpoint_path")
+__all__ = (
+    "MAX_ARCHIVE_BYTES",
+    "ParsedCheckpointPath",
+    "ProgressCallback",
+    "RestClient",
+    "parse_checkpoint_path",
+)
 
 ProgressCallback = Callable[[int, int | None], None]
 """Called as ``progress(bytes_written, total_bytes_or_None)`` while an archive downloads."""
+
+MAX_ARCHIVE_BYTES = 2 << 30  # what download_checkpoint_archive holds in memory at most (no destination)
 
 
 def parse_checkpoint_path(path: str) -> ParsedCheckpointPath:
@@ -81,9 +91,11 @@ class RestClient:
 
     @on_client_loop
     async def list_checkpoints_async(self, training_run_id: str) -> CheckpointsListResponse:
-        """The training and sampler checkpoints of a run."""
+        """The training and sampler checkpoints of a run, newest first (the reference output's order)."""
         path = f"training_runs/{_segment(training_run_id)}/checkpoints"
-        return await self._transport.request("GET", path, CheckpointsListResponse)
+        listed = await self._transport.request("GET", path, CheckpointsListResponse)
+        listed.checkpoints.sort(key=lambda c: c.time, reverse=True)  # stable: equal times keep their order
+        return listed
 
     list_checkpoints = future(list_checkpoints_async)
 
@@ -112,56 +124,35 @@ class RestClient:
         *,
         progress: ProgressCallback | None = None,
         show_progress: bool = False,
-    ) -> Path:
-        """Stream a checkpoint's ``.tar.gz`` archive to ``destination``; return the file's path.
+        max_bytes: int = MAX_ARCHIVE_BYTES,
+    ) -> bytes | Path:
+        """A checkpoint's ``.tar.gz`` archive: its bytes, or streamed to ``destination`` (returns the path).
 
-        ``destination`` is a file or an existing folder (default: ``{run}_{checkpoint}.tar.gz`` in the current
-        folder). ``progress(bytes_written, total_or_None)`` is called as the data arrives; ``show_progress``
-        draws a progress bar on stderr (tqdm's when installed).
+        Without ``destination`` the archive's bytes are returned, as the official SDK does; an archive over
+        ``max_bytes`` (default 2 GiB) raises ``ConfigurationError`` as soon as that is known, instead of
+        filling memory: pass a ``destination`` to stream it to disk. ``destination`` is a file or an existing
+        folder (there the file is ``{run}_{checkpoint}.tar.gz``); it is written beside the target and renamed
+        into place once complete. ``progress(bytes_so_far, total_or_None)`` is called as the data arrives;
+        ``show_progress`` draws a progress bar on stderr.
         """
-        name = f"{training_run_id}_{checkpoint_id}.tar.gz".replace("/", "_")
-        target = Path(destination) if destination is not None else Path.cwd() / name
-        if target.is_dir():
-            target = target / name
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
         path = f"training_runs/{_segment(training_run_id)}/checkpoints/{_segment(checkpoint_id)}/archive"
-        bar = _ProgressBar(target.name) if show_progress else None
-        transport = self._transport
-        file = None
-        written = 0
-
-        async def sink(block: bytes, total: int | None) -> None:
-            nonlocal file, written
-            if not block:  # a body starts: (re)write the file from the beginning
-                if file is None:
-                    file = partial.open("wb")
-                file.seek(0)
-                file.truncate()
-                written = 0
-                if bar is not None:
-                    bar.start(total)
-                return
-            assert file is not None
-            await asyncio.to_thread(file.write, block)
-            written += len(block)
-            if progress is not None:
-                progress(written, total)
-            if bar is not None:
-                bar.update(written)
-
-        request = Request("GET", path, headers={"Accept": _wire.GZIP}, sink=sink)
+        label = f"{training_run_id}_{checkpoint_id}.tar.gz".replace("/", "_")
+        bar = ProgressBar(label, sys.stderr) if show_progress else None  # asked for: drawn on any stream
         try:
-            await transport.retrying(request, transport.retry.budget(f"GET {path}"))
-            assert file is not None
-            file.close()
-            os.replace(partial, target)
+            if destination is None:
+                sink: _Sink = _MemorySink(max_bytes, path)
+            else:
+                sink = _FileSink(Path(destination), label)
+            counted = _counting(sink, progress, bar)
+            request = Request("GET", path, headers={"Accept": _wire.GZIP}, sink=counted)
+            try:
+                await self._transport.retrying(request, self._transport.retry.budget(f"GET {path}"))
+                return sink.finish()
+            finally:
+                sink.close()
         finally:
-            if file is not None:
-                file.close()
-            partial.unlink(missing_ok=True)
             if bar is not None:
                 bar.close()
-        return target
 
     download_checkpoint_archive = future(download_checkpoint_archive_async)
 
@@ -173,7 +164,8 @@ class RestClient:
         *,
         progress: ProgressCallback | None = None,
         show_progress: bool = False,
-    ) -> Path:
+        max_bytes: int = MAX_ARCHIVE_BYTES,
+    ) -> bytes | Path:
         """``download_checkpoint_archive`` for the checkpoint at ``hpcai://...``."""
         parsed = parse_checkpoint_path(checkpoint_path)
         return await self.download_checkpoint_archive_async(
@@ -182,6 +174,7 @@ class RestClient:
             destination,
             progress=progress,
             show_progress=show_progress,
+            max_bytes=max_bytes,
         )
 
     download_checkpoint_archive_by_checkpoint_path = future(
@@ -189,41 +182,81 @@ class RestClient:
     )
 
 
-class _ProgressBar:
-    """tqdm's bar when tqdm is installed, else a plain line on stderr redrawn at most 5 times a second."""
+class _Sink(Protocol):
+    async def write(self, block: bytes, total: int | None) -> None: ...
+    def finish(self) -> bytes | Path: ...
+    def close(self) -> None: ...
 
-    def __init__(self, label: str) -> None:
-        self._label = label
-        self._tqdm: Any = None
-        self._shown = 0
-        self._drawn_at = 0.0
-        self._total: int | None = None
 
-    def start(self, total: int | None) -> None:
-        self._total, self._shown = total, 0
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return
-        if self._tqdm is None:
-            self._tqdm = tqdm(total=total, desc=self._label, unit="B", unit_scale=True, unit_divisor=1024)
-        else:
-            self._tqdm.reset(total=total)
+class _MemorySink:
+    """The archive in memory, refused once it is known to exceed ``max_bytes``."""
 
-    def update(self, written: int) -> None:
-        if self._tqdm is not None:
-            self._tqdm.update(written - self._shown)
-            self._shown = written
-            return
-        now = time.monotonic()
-        if now - self._drawn_at >= 0.2 or written == self._total:
-            self._drawn_at = now
-            share = f" {100 * written / self._total:5.1f}%" if self._total else ""
-            sys.stderr.write(f"\r{self._label}: {written / 2**20:,.1f} MiB{share}")
-            sys.stderr.flush()
+    def __init__(self, max_bytes: int, path: str) -> None:
+        self._max, self._path = max_bytes, path
+        self._data = bytearray()
+
+    async def write(self, block: bytes, total: int | None) -> None:
+        if not block:  # a body starts (again, on a retry)
+            self._data.clear()
+        if max(total or 0, len(self._data) + len(block)) > self._max:
+            size = f"{total} bytes" if total else f"more than {self._max} bytes"
+            raise ConfigurationError(
+                f"the archive at {self._path} is {size}, over max_bytes={self._max}: pass destination= "
+                "to stream it to a file, or a larger max_bytes"
+            )
+        self._data += block
+
+    def finish(self) -> bytes:
+        return bytes(self._data)
 
     def close(self) -> None:
-        if self._tqdm is not None:
-            self._tqdm.close()
-        elif self._drawn_at:
-            sys.stderr.write("\n")
+        self._data = bytearray()
+
+
+class _FileSink:
+    """The archive streamed to a temporary file beside ``target``, renamed into place once complete."""
+
+    def __init__(self, destination: Path, name: str) -> None:
+        target = destination / name if destination.is_dir() else destination
+        self.target = target
+        self._partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        self._file: IO[bytes] | None = None
+
+    async def write(self, block: bytes, total: int | None) -> None:
+        if not block:  # a body starts: (re)write the file from the beginning
+            if self._file is None:
+                self._file = self._partial.open("wb")
+            self._file.seek(0)
+            self._file.truncate()
+            return
+        assert self._file is not None
+        await asyncio.to_thread(self._file.write, block)
+
+    def finish(self) -> Path:
+        assert self._file is not None
+        self._file.close()
+        os.replace(self._partial, self.target)
+        return self.target
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._partial.unlink(missing_ok=True)
+
+
+def _counting(
+    sink: _Sink, progress: ProgressCallback | None, bar: ProgressBar | None
+) -> Callable[[bytes, int | None], Awaitable[None]]:
+    """The transport's sink: ``sink.write`` plus the progress callback and bar."""
+    written = 0
+
+    async def write(block: bytes, total: int | None) -> None:
+        nonlocal written
+        await sink.write(block, total)
+        written = len(block) + (written if block else 0)
+        if progress is not None and block:
+            progress(written, total)
+        if bar is not None:
+            bar(written, total)
+
+    return write

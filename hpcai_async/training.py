@@ -198,7 +198,7 @@ class TrainingClient:
         self._turn = 0  # turn mode: the sequence number whose POST may go now
         self._ended: set[int] = set()  # turn mode: numbers whose turn ended before it came
         self._waiters: dict[int, asyncio.Future[None]] = {}
-        self._tokenizer: asyncio.Task[PreTrainedTokenizerBase] | None = None
+        self._tokenizer: asyncio.Future[PreTrainedTokenizerBase] | None = None
 
     @property
     def _binding(self) -> LoopBinding:
@@ -492,19 +492,42 @@ class TrainingClient:
 
     @on_client_loop
     async def get_tokenizer_async(self) -> PreTrainedTokenizerBase:
-        """The Hugging Face tokenizer of the run's model (loaded once per client; needs ``transformers``)."""
+        """The Hugging Face tokenizer of the run's model (loaded once per client; needs ``transformers``).
+
+        The model is the client's ``base_model`` when it knows it, else the one ``get_info`` names. The
+        plain ``get_tokenizer()`` also works from ``async def`` code on the client's own loop: it then loads
+        the tokenizer in the calling thread, without the loop (see "Sync and async" in ``_loop``).
+        """
         task = self._tokenizer
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = self._tokenizer = asyncio.get_running_loop().create_task(self._load_tokenizer())
         return await asyncio.shield(task)
 
-    get_tokenizer = blocking(get_tokenizer_async)
+    def _tokenizer_without_loop(self) -> PreTrainedTokenizerBase:
+        """``get_tokenizer()`` on the client's own loop thread: the cached tokenizer, or a load right here."""
+        task = self._tokenizer
+        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+            return task.result()
+        if not self.base_model:
+            raise RuntimeError(
+                "get_tokenizer() was called on the event loop this client runs on, and this client does not "
+                "know its base model (it attached to a run by id): use `await get_tokenizer_async()`"
+            )
+        tokenizer = load_tokenizer(self.base_model)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(tokenizer)
+        self._tokenizer = done  # a done future serves as the task would
+        return tokenizer
+
+    get_tokenizer = blocking(get_tokenizer_async, without_loop=_tokenizer_without_loop)
 
     async def _load_tokenizer(self) -> PreTrainedTokenizerBase:
         # unordered, as the official client does: the tokenizer need not wait for queued training requests
-        body = ModelIdRequest(model_id=self.model_id)
-        info = await self._transport.request("POST", "get_info", GetInfoResponse, body=body)
-        name = info.model_data.model_name or info.model_name
+        name = self.base_model
+        if not name:
+            body = ModelIdRequest(model_id=self.model_id)
+            info = await self._transport.request("POST", "get_info", GetInfoResponse, body=body)
+            name = info.model_data.model_name or info.model_name
         if not name:
             raise APIError(f"get_info for {self.model_id} named no model, so there is no tokenizer to load")
         return await asyncio.to_thread(load_tokenizer, name)
@@ -516,7 +539,9 @@ class TrainingClient:
             "unload_model", ModelIdRequest(model_id=self.model_id), UnloadModelResponse, "UnloadModel"
         )
 
-    unload_model = submit(unload_model_async)
+    # On the client's own loop the plain form is scheduled there (the cookbook calls it from __exit__ inside
+    # async code): it runs after everything called before it, and nothing after an unload can matter.
+    unload_model = submit(unload_model_async, unordered_after=True)
 
 
 class _Started(Generic[T]):

@@ -11,9 +11,10 @@ import threading
 import pytest
 from client_fixtures import LOOPS, HasURL, client, run, small_batch
 
-from hpcai_async import APIFuture, ServiceClient, types
+from hpcai_async import APIFuture, NotFoundError, ServiceClient, TrainingClient, types
 
 NULL_MODEL = "null/instant"
+BUILTIN = "hpcai-async/tiny-qwen3"
 
 
 def test_from_a_plain_script(null_server: HasURL) -> None:
@@ -79,8 +80,54 @@ def test_blocking_on_the_clients_own_loop_raises_at_once(null_server: HasURL) ->
                 fut.result()
             assert (await fut).metrics["step:max"] == 1  # type: ignore[index]
             assert fut.result().metrics["step:max"] == 1  # type: ignore[index]  # done: no wait, no error
+            attached = service.create_training_client(tc.model_id)  # no base model known: needs the server
+            with pytest.raises(RuntimeError, match="get_tokenizer_async"):
+                attached.get_tokenizer()
 
     run(main)
+
+
+class _Run:
+    """The cookbook's pattern: a context manager whose ``__exit__`` unloads the model (plain call)."""
+
+    def __init__(self, tc: TrainingClient) -> None:
+        self.tc = tc
+        self.unloaded: APIFuture[types.UnloadModelResponse] | None = None
+
+    def __enter__(self) -> TrainingClient:
+        return self.tc
+
+    def __exit__(self, *exc: object) -> None:
+        self.unloaded = self.tc.unload_model()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_plain_calls_that_can_complete_work_inside_async_code_on_the_clients_loop(
+    server: HasURL, loop: str
+) -> None:
+    """get_tokenizer() and unload_model() from ``async def`` code, on the loop the client is bound to."""
+
+    async def main() -> None:
+        async with client(server) as service:
+            tc = await service.create_lora_training_client_async(BUILTIN, rank=4)
+            tokenizer = tc.get_tokenizer()  # loaded here, without the loop
+            assert tokenizer.decode(tokenizer.encode(" green")) == " green"
+            assert tc.get_tokenizer() is tokenizer is await tc.get_tokenizer_async()  # loaded once
+            sampler = await tc.save_weights_and_get_sampling_client_async("s")
+            sample = sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2))
+            rest = service.create_rest_client().list_checkpoints(tc.model_id)  # futures: scheduled here
+            ctx = _Run(tc)
+            with ctx as training:
+                fb = await training.forward_backward_async(small_batch(1))
+            assert isinstance(ctx.unloaded, APIFuture)
+            assert (await ctx.unloaded).model_id == tc.model_id
+            assert (await fb).metrics  # called before the unload: it ran first
+            assert len((await sample).sequences) == 1 and (await rest).checkpoints
+            assert server.scheduler.models[tc.model_id].status == "unloaded"  # type: ignore[attr-defined]
+            with pytest.raises(NotFoundError, match="unloaded"):
+                await (await tc.forward_backward_async(small_batch(1)))
+
+    run(main, loop)
 
 
 def test_futures_cross_loops_and_threads(null_server: HasURL) -> None:

@@ -188,3 +188,40 @@ def test_a_failed_restore_unloads_the_run_it_created(null_server: Any) -> None:
 
     with FaultProxy(null_server.url) as proxy:
         run(lambda: main(proxy.url))
+
+
+# ------------------------------------------------------------------------------------- checkpoints (REST)
+
+
+def test_checkpoints_list_newest_first_and_download_as_bytes_or_to_a_file(
+    null_server: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    import io
+    import tarfile
+
+    from fault_proxy import FaultProxy
+
+    from hpcai_async import ConfigurationError
+
+    monkeypatch.chdir(tmp_path)  # a download without destination must not write a file here
+    with (
+        FaultProxy(null_server.url) as proxy,
+        client(null_server, base_url=proxy.url) as service,
+    ):
+        tc = service.create_lora_training_client(NULL_MODEL, rank=4)
+        saved = [tc.save_state(f"c{i}").result().path for i in range(3)]
+        rest = service.create_rest_client()
+        listed = rest.list_checkpoints(tc.model_id).result().checkpoints
+        assert [c.checkpoint_path for c in listed] == saved[::-1]  # newest first
+        assert [c.time for c in listed] == sorted((c.time for c in listed), reverse=True)
+
+        proxy.inject("/archive", "truncate", times=1)  # a cut body, then a good retry: the bytes start over
+        data = rest.download_checkpoint_archive_by_checkpoint_path(saved[0]).result()
+        assert isinstance(data, bytes)
+        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+            assert archive.getnames()
+        assert list(tmp_path.iterdir()) == []
+        on_disk = rest.download_checkpoint_archive(tc.model_id, "c0_training", tmp_path / "a.tar.gz").result()
+        assert on_disk == tmp_path / "a.tar.gz" and on_disk.read_bytes() == data
+        with pytest.raises(ConfigurationError, match=r"max_bytes=100\b.*destination="):
+            rest.download_checkpoint_archive(tc.model_id, "c0_training", max_bytes=100).result()
