@@ -9,6 +9,7 @@ See ``official_programs`` for the two ways and the local set-up (served model na
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from official_programs import (
     checkpoints,
     cookbook_file,
     metrics,
+    sdist_file,
     serve,
     write_jsonl,
 )
@@ -43,15 +45,87 @@ def programs(tmp_path: Path) -> Iterator[Programs]:
         "train": write_jsonl(tmp_path / "data" / "chat.jsonl", CHAT),
         "test": write_jsonl(tmp_path / "data" / "chat_test.jsonl", CHAT[:4]),
     }
-    datasets = {"HuggingFaceH4/no_robots": chat}
+    quiz = {"quiz": "A says B lies. B says A lies. Who lies?", "solution_text": "Exactly one of them lies."}
+    datasets = {
+        "HuggingFaceH4/no_robots": chat,
+        "K-and-K/knights-and-knaves": {"train": write_jsonl(tmp_path / "data" / "kk.jsonl", [quiz] * 96)},
+    }
     try:
         yield Programs(server, tmp_path, datasets)
     finally:
         server.close()
 
 
+# the recipes that end in the cookbook's UnloadContextManager: `unload_model().result()` inside `async def`
+# code on the loop the client is bound to, which our client refuses (issue #9 item 8, not yet closed)
+UNLOAD_IN_ASYNC = pytest.mark.xfail(strict=True, reason="unload_model().result() on the client's loop")
+
+
 def _falls(values: list[float]) -> bool:
     return len(values) >= 2 and values[-1] < values[0]
+
+
+def _interrupted_after_the_first_checkpoint(log: Path) -> dict[str, object]:
+    """Forget every checkpoint after the first, as if the run had been stopped there; return that one."""
+    saved = checkpoints(log)
+    (log / "checkpoints.jsonl").write_text(json.dumps(saved[0]) + "\n")
+    return saved[0]
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_the_sft_example(programs: Programs, way: str) -> None:
+    # the two lines the example asks its user to fill in; 96 rows of batch 32: 3 steps
+    edit = {
+        'BASE_URL = "https://www.hpc-ai.com/finetunesdk"': f'BASE_URL = "{programs.server.url}"',
+        'API_KEY = "Your_API_Key_Here"': f'API_KEY = "{programs.server.api_key}"',
+    }
+    proc = programs.run(sdist_file("examples/sft.py"), way=way, edit=edit)
+    steps = re.findall(r"^Step (\d+)/3 \| Loss: ([\d.]+)", proc.stdout, flags=re.MULTILINE)
+    assert [int(step) for step, _ in steps] == [1, 2, 3], proc.stdout[-2000:]
+    assert _falls([float(loss) for _, loss in steps])
+
+
+@UNLOAD_IN_ASYNC
+@pytest.mark.parametrize("way", WAYS)
+def test_sl_basic(programs: Programs, way: str) -> None:
+    # its dataset builder is fixed in the recipe (Qwen/Qwen3-4B, batch 32): 64 rows are 2 steps
+    chat = programs.datasets["HuggingFaceH4/no_robots"]
+    chat["train"] = write_jsonl(programs.root / "data" / "chat64.jsonl", CHAT * 4)
+    log = programs.root / "sl_basic"
+    programs.run(cookbook_file("recipes/sl_basic.py"), [f"log_path={log}", "learning_rate=1e-3"], way=way)
+    logged = metrics(log)
+    assert [m["step"] for m in logged] == [0, 1]
+    assert _falls([m["train_mean_nll"] for m in logged])
+
+
+@UNLOAD_IN_ASYNC
+@pytest.mark.parametrize("way", WAYS)
+def test_chat_sl_fresh_resumed_and_from_a_checkpoint(programs: Programs, way: str) -> None:
+    data = programs.datasets["HuggingFaceH4/no_robots"]["train"]
+    common = [f"model_name={MODEL}", f"dataset={data}", "batch_size=4", "learning_rate=1e-3", "lora_rank=8"]
+    common += ["save_every=2", "eval_every=0", "max_length=256"]
+    log = programs.root / "chat_sl"
+    train = cookbook_file("recipes/chat_sl/train.py")
+    programs.run(train, [*common, f"log_path={log}"], way=way)
+    first = metrics(log)
+    assert [m["step"] for m in first] == [0, 1, 2, 3]
+    assert _falls([m["train_mean_nll"] for m in first])
+
+    saved = _interrupted_after_the_first_checkpoint(log)
+    programs.run(train, [*common, f"log_path={log}", "behavior_if_log_dir_exists=resume"], way=way)
+    resumed = metrics(log)[len(first) :]
+    assert [m["step"] for m in resumed] == [2, 3]
+    for before, after in zip(first[2:], resumed, strict=True):  # weights and Adam moments both restored
+        assert after["train_mean_nll"] == pytest.approx(before["train_mean_nll"], rel=1e-4)
+
+    # a new run from the step-2 weights (a fresh optimizer): its first loss is the first run's at step 2
+    other = programs.root / "chat_sl_loaded"
+    load = f"load_checkpoint_path={saved['state_path']}"
+    programs.run(train, [*common, f"log_path={other}", load], way=way)
+    loaded = metrics(other)
+    assert loaded[0]["step"] == 0
+    assert loaded[0]["train_mean_nll"] == pytest.approx(first[2]["train_mean_nll"], rel=1e-4)
+    assert _falls([m["train_mean_nll"] for m in loaded])
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -63,11 +137,9 @@ def test_sl_loop_fresh_then_resumed(programs: Programs, way: str) -> None:
     first = metrics(log)
     assert [m["step"] for m in first] == [0, 1, 2, 3]
     assert _falls([m["train_mean_nll"] for m in first])
-    saved = checkpoints(log)
-    assert [c["name"] for c in saved] == ["000002", "final"]
+    assert [c["name"] for c in checkpoints(log)] == ["000002", "final"]
 
-    # interrupted after step 3: forget the final checkpoint; the program resumes from the one of step 2
-    (log / "checkpoints.jsonl").write_text(json.dumps(saved[0]) + "\n")
+    _interrupted_after_the_first_checkpoint(log)  # the program resumes from step 2's checkpoint
     programs.run(cookbook_file("recipes/sl_loop.py"), args, way=way)
     resumed = metrics(log)[len(first) :]
     assert [m["step"] for m in resumed] == [2, 3]
