@@ -21,11 +21,14 @@ import sys
 import hpcai
 from hpcai import types
 from hpcai.types import Datum
+from hpcai.types.tensor_data import TensorData
+from hpcai.lib.public_interfaces import APIFuture
 import hpcai.types as types2
 import hpcai_async
 
 assert hpcai is hpcai_async and types is hpcai_async.types and types2 is types
-assert Datum is hpcai_async.types.Datum
+assert Datum is hpcai_async.types.Datum and TensorData is hpcai_async.types.TensorData
+assert APIFuture is hpcai_async.APIFuture
 service = hpcai.ServiceClient()
 tc = service.create_lora_training_client(base_model="null/instant", rank=4)
 datum = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),

@@ -50,7 +50,11 @@ class AliasFinder(importlib.abc.MetaPathFinder):
         real = target_name(fullname)
         if real is None:
             return None
-        if importlib.util.find_spec(real) is None:
+        try:
+            found = importlib.util.find_spec(real) is not None
+        except ValueError:  # a module made at run time, without a spec (hpcai_async.types._paths makes them)
+            found = real in sys.modules
+        if not found:
             return None  # not ours either: the usual ModuleNotFoundError names the hpcai module asked for
         return importlib.util.spec_from_loader(fullname, _AliasLoader(real))
 
