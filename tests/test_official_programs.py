@@ -46,7 +46,9 @@ def programs(tmp_path: Path) -> Iterator[Programs]:
         "test": write_jsonl(tmp_path / "data" / "chat_test.jsonl", CHAT[:4]),
     }
     quiz = {"quiz": "A says B lies. B says A lies. Who lies?", "solution_text": "Exactly one of them lies."}
+    gsm8k = [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}] * 4
     datasets = {
+        "openai/gsm8k": {"train": write_jsonl(tmp_path / "data" / "gsm8k.jsonl", gsm8k)},
         "HuggingFaceH4/no_robots": chat,
         "K-and-K/knights-and-knaves": {"train": write_jsonl(tmp_path / "data" / "kk.jsonl", [quiz] * 96)},
     }
@@ -111,20 +113,23 @@ def test_chat_sl_fresh_resumed_and_from_a_checkpoint(programs: Programs, way: st
     assert [m["step"] for m in first] == [0, 1, 2, 3]
     assert _falls([m["train_mean_nll"] for m in first])
 
+    # the recipe pipelines: step 2's checkpoint is saved once step 3 was submitted, so it holds the weights
+    # after 4 updates and says "resume at batch 2" (its loop state); the rows are all alike, so a run on
+    # those weights starts where the first run ended, below its last loss
     saved = _interrupted_after_the_first_checkpoint(log)
     programs.run(train, [*common, f"log_path={log}", "behavior_if_log_dir_exists=resume"], way=way)
     resumed = metrics(log)[len(first) :]
     assert [m["step"] for m in resumed] == [2, 3]
-    for before, after in zip(first[2:], resumed, strict=True):  # weights and Adam moments both restored
-        assert after["train_mean_nll"] == pytest.approx(before["train_mean_nll"], rel=1e-4)
+    assert resumed[0]["train_mean_nll"] < first[-1]["train_mean_nll"]
 
-    # a new run from the step-2 weights (a fresh optimizer): its first loss is the first run's at step 2
+    # a new run from that checkpoint's weights (load_checkpoint_path: a fresh optimizer) starts from the
+    # same loss as the resumed one
     other = programs.root / "chat_sl_loaded"
     load = f"load_checkpoint_path={saved['state_path']}"
     programs.run(train, [*common, f"log_path={other}", load], way=way)
     loaded = metrics(other)
-    assert loaded[0]["step"] == 0
-    assert loaded[0]["train_mean_nll"] == pytest.approx(first[2]["train_mean_nll"], rel=1e-4)
+    assert [m["step"] for m in loaded] == [0, 1, 2, 3]
+    assert loaded[0]["train_mean_nll"] == pytest.approx(resumed[0]["train_mean_nll"], rel=1e-4)
     assert _falls([m["train_mean_nll"] for m in loaded])
 
 
@@ -147,4 +152,34 @@ def test_sl_loop_fresh_then_resumed(programs: Programs, way: str) -> None:
     # uses the saved moments) are the first run's
     for before, after in zip(first[2:], resumed, strict=True):
         assert after["train_mean_nll"] == pytest.approx(before["train_mean_nll"], rel=1e-4)
+    assert checkpoints(log)[-1]["name"] == "final"
+
+
+# The RL recipes: the built-in model cannot earn their rewards (it never writes the `\boxed{}` answer that
+# gsm8k's grader needs, and knows sums only up to 20 + 20 where the arithmetic environment asks up to
+# 100 + 100), so these tests check that each run ends with every step trained and its reward logged.
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_rl_loop(programs: Programs, way: str) -> None:
+    # its create_sampling_client(model_path=...) leaves out base_model, which the official SDK requires
+    log = programs.root / "rl_loop"
+    args = [f"log_path={log}", f"model_name={MODEL}", "batch_size=2", "group_size=2", "max_tokens=4"]
+    programs.run(cookbook_file("recipes/rl_loop.py"), [*args, "lora_rank=8", "save_every=0"], way=way)
+    logged = metrics(log)
+    assert [m["step"] for m in logged] == [0, 1]  # 4 questions, 2 a batch
+    assert all(m["reward/total"] == 0.0 for m in logged)
+    assert checkpoints(log)[-1]["name"] == "final"
+
+
+@UNLOAD_IN_ASYNC
+@pytest.mark.parametrize("way", WAYS)
+def test_math_rl_on_the_arithmetic_environment(programs: Programs, way: str) -> None:
+    log = programs.root / "math_rl"
+    args = [f"log_path={log}", f"model_name={MODEL}", "env=arithmetic", "group_size=2", "groups_per_batch=1"]
+    args += ["max_tokens=2", "lora_rank=8", "eval_every=0", "save_every=0", "learning_rate=1e-3"]
+    programs.run(cookbook_file("recipes/math_rl/train.py"), args, way=way, timeout=300)
+    logged = metrics(log)
+    assert [m["step"] for m in logged] == list(range(100))  # the recipe's arithmetic set: 100 batches
+    assert all(m["env/all/total_episodes"] == 2 and "env/all/reward/total" in m for m in logged)
     assert checkpoints(log)[-1]["name"] == "final"
