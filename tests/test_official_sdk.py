@@ -97,3 +97,46 @@ def test_reference_walkthrough_through_the_official_sdk(server) -> None:  # type
         trained = ours.forward([datum]).result().loss_fn_outputs[0]["logprobs"].to_numpy()
     # one AdamW step with lr 1e-2 moved the logprobs of the trained targets up
     assert trained.sum() > sum(fwd["logprobs"])
+
+
+SDK_BUGS = r"""
+import json, sys
+from hpcai import ServiceClient
+
+service = ServiceClient()
+tc = service.create_lora_training_client(base_model=sys.argv[1], rank=4)
+path = tc.save_state("bug").result().path
+sampler = tc.save_weights_for_sampler("bug").result().path
+out = {"path": path, "sampler": sampler}
+out["with_optimizer"] = hasattr(service, "create_training_client_from_state_with_optimizer")
+calls = {"from_state": lambda: service.create_training_client_from_state(path),
+         "sampling_without_base_model": lambda: service.create_sampling_client(model_path=sampler)}
+for name, call in calls.items():
+    try:
+        call()
+        out[name] = "ok"
+    except Exception as exc:
+        out[name] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(out))
+"""
+
+
+def test_the_official_sdks_own_failures_that_its_cookbook_runs_into(server) -> None:  # type: ignore[no-untyped-def]
+    """README "Porting from hpcai": what fails in the official SDK itself against our server; ours does it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCAI_")}
+    env.update(HPCAI_BASE_URL=server.url, HPCAI_API_KEY=server.api_key, HPCAI_TELEMETRY="0")
+    command = [official_python(), "-c", SDK_BUGS, BUILTIN]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=100, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["with_optimizer"] is False  # the cookbook's resume path calls it
+    assert out["from_state"] == "ValueError: Invalid checkpoint type: weights"  # its own save_state's path
+    assert out["sampling_without_base_model"] == "ValueError: base_model must be provided"  # rl_loop's call
+
+    with ServiceClient(base_url=server.url, api_key=server.api_key) as service:
+        resumed = service.create_training_client_from_state_with_optimizer(out["path"])
+        assert resumed.get_info().model_data.model_name == BUILTIN
+        sampler = service.create_sampling_client(model_path=out["sampler"])  # no base_model needed
+        prompt = types.ModelInput.from_ints([1, 2, 3])
+        res = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2, seed=1)).result()
+        assert len(res.sequences[0].tokens) <= 2
