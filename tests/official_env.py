@@ -134,3 +134,7 @@ def run_official(python: str, script: str, *args: str, timeout: float = 120.0) -
     )
     assert done.returncode == 0, f"the official SDK's script failed:\n{done.stderr[-3000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":  # `python -m tests.official_env`: build (or check) it before the tests run
+    print(official_python(), official_sdist(), sep="\n")
