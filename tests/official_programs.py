@@ -68,10 +68,10 @@ def port_source(source: str) -> str:
     return ported
 
 
-def serve(root: Path, engine: Any = None) -> LocalServer:
+def serve(root: Path) -> LocalServer:
     """The built-in model under every alias (a fresh server with its own store); the caller closes it."""
     models = [f"{alias}={BUILTIN_NAME}" for alias in ALIASES]
-    server = LocalServer(models=models, store=root / "store", engine=engine)
+    server = LocalServer(models=models, store=root / "store")
     server.__enter__()
     return server
 

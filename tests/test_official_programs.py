@@ -12,7 +12,6 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from official_programs import (
@@ -40,8 +39,8 @@ CHAT = [
 
 
 @pytest.fixture
-def programs(tmp_path: Path, real_engine: Any) -> Iterator[Programs]:
-    server = serve(tmp_path, real_engine)  # the session's engine: the model is loaded once
+def programs(tmp_path: Path) -> Iterator[Programs]:
+    server = serve(tmp_path)
     chat = {
         "train": write_jsonl(tmp_path / "data" / "chat.jsonl", CHAT),
         "test": write_jsonl(tmp_path / "data" / "chat_test.jsonl", CHAT[:4]),
