@@ -53,6 +53,7 @@ from ._futures import APIFuture
 
 __all__ = (
     "LoopBinding",
+    "LoopThread",
     "blocking",
     "close_at_exit",
     "future",
@@ -84,43 +85,93 @@ class Closable(Protocol):
     def aclose(self) -> Coroutine[Any, Any, None]: ...
 
 
-class _LoopThread:
-    """The private event loop behind the blocking methods: one daemon thread, started on first use."""
+class LoopThread:
+    """An event loop running in a daemon thread: the one helper for "a loop in a thread".
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closables: weakref.WeakSet[Closable] = weakref.WeakSet()
+    Used for the client's private loop, and by tests that need a loop of their own beside the caller's.
+    ``start()`` returns once the loop runs; ``run(coro)`` runs a coroutine there and waits for its value;
+    ``stop()`` cancels what is left, stops the loop, joins the thread and closes the loop.
+    """
 
-    def get(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is not None:
-            return loop
-        with self._lock:
-            if self._loop is None:
-                loop = new_event_loop()
-                ready = threading.Event()
-                thread = threading.Thread(
-                    target=self._run, args=(loop, ready), name="hpcai-async-loop", daemon=True
-                )
-                thread.start()
-                ready.wait()
-                self._loop = loop
-                atexit.register(self._shutdown)
-            return self._loop
+    def __init__(self, name: str, factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop) -> None:
+        self.name = name
+        self._factory = factory
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> asyncio.AbstractEventLoop:
+        if self.loop is not None:
+            return self.loop
+        loop = self._factory()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(loop, ready), name=self.name, daemon=True)
+        self._thread.start()
+        ready.wait()
+        self.loop = loop
+        return loop
 
     @staticmethod
-    def _run(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+    def _main(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
         asyncio.set_event_loop(loop)
         loop.call_soon(ready.set)
         loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop (started if need be) and wait for its value."""
+        return asyncio.run_coroutine_threadsafe(coro, self.start()).result(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        loop, thread = self.loop, self._thread
+        if loop is None or thread is None:
+            return
+
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):  # a loop already stopped: nothing left to cancel
+            asyncio.run_coroutine_threadsafe(cancel_the_rest(), loop).result(timeout)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if not thread.is_alive():
+            loop.close()
+        self.loop = self._thread = None
+
+    def __enter__(self) -> asyncio.AbstractEventLoop:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _PrivateLoop:
+    """The private event loop behind the blocking methods: one LoopThread, started on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread = LoopThread("hpcai-async-loop")
+        self._closables: weakref.WeakSet[Closable] = weakref.WeakSet()
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        loop = self._thread.loop
+        if loop is not None:
+            return loop
+        with self._lock:
+            if self._thread.loop is None:
+                self._thread.start()
+                atexit.register(self._shutdown)
+            loop = self._thread.loop
+            assert loop is not None
+            return loop
 
     def close_at_exit(self, obj: Closable) -> None:
         with self._lock:
             self._closables.add(obj)
 
     def _shutdown(self) -> None:
-        loop = self._loop
+        loop = self._thread.loop
         if loop is None or not loop.is_running():
             return
         with self._lock:
@@ -133,7 +184,7 @@ class _LoopThread:
             asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout=2.0)
 
 
-_PRIVATE = _LoopThread()
+_PRIVATE = _PrivateLoop()
 
 
 def close_at_exit(obj: Closable) -> None:

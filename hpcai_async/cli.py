@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .service import ServiceClient
     from .types import CheckpointsListResponse, TrainingRun, TrainingRunsResponse
 
-__all__ = ("main",)
+__all__ = ("UsageError", "build_parser", "main")
 
 T = TypeVar("T")
 PROG = "hpcai-async"

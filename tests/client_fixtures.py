@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from hpcai_async import ServiceClient, types
+from hpcai_async._loop import LoopThread
 
 T = TypeVar("T")
 
@@ -19,6 +20,10 @@ except ImportError:  # pragma: no cover - uvloop is a dev dependency
     uvloop = None
 
 LOOPS = ["asyncio", "uvloop"] if uvloop is not None else ["asyncio"]
+
+# The loop kind ``run`` uses when the test names none: set per test by conftest's ``_loop_kind`` fixture,
+# which runs the cheap async client tests once on each of LOOPS.
+default_loop = "asyncio"
 
 # The capabilities of a server that speaks only the official protocol (the hosted service): injected through
 # the fault proxy, they make the client fall back to turn-taking, JSON and no extension fields.
@@ -40,8 +45,10 @@ class HasURL(Protocol):
     api_key: str
 
 
-def run(main: Callable[[], Coroutine[Any, Any, T]], loop: str = "asyncio", timeout: float = 60.0) -> T:
-    """Run ``main()`` on a fresh loop of the given kind; fail if the loop reported an unhandled error."""
+def run(main: Callable[[], Coroutine[Any, Any, T]], loop: str | None = None, timeout: float = 60.0) -> T:
+    """Run ``main()`` on a fresh loop of the given kind (default: the test's, see ``default_loop``); fail if
+    the loop reported an unhandled error."""
+    loop = loop or default_loop
     factory = uvloop.new_event_loop if loop == "uvloop" and uvloop is not None else asyncio.new_event_loop
     errors: list[dict[str, Any]] = []
 
@@ -57,6 +64,11 @@ def run(main: Callable[[], Coroutine[Any, Any, T]], loop: str = "asyncio", timeo
         result = runner.run(body())
     assert not errors, f"unhandled errors in the event loop: {errors}"
     return result
+
+
+def foreign_loop(name: str = "test-foreign-loop") -> LoopThread:
+    """A loop of its own in another thread (a notebook's, say): ``with foreign_loop() as loop``."""
+    return LoopThread(name)
 
 
 def client(server: HasURL, **options: Any) -> ServiceClient:

@@ -9,17 +9,45 @@
                         one ``store``, short ``long_poll_s`` / ``retention_s`` / ``seq_gap_timeout_s`` etc.;
 * ``real_engine``    -- the session's shared ``Engine`` (pass it as ``engine=`` to ``server_factory``).
 
+Event loops: every async client test on a NullEngine server (it defines a coroutine and uses ``null_server``,
+in a ``test_client_*`` or ``test_porting`` module) runs once on asyncio and once on uvloop, through the
+``_loop_kind`` fixture that sets ``client_fixtures.default_loop`` for ``run()``. Those tests take
+milliseconds; the real-engine and blocking-API tests run once (a test can still parametrize ``loop`` itself).
+
 Each server has a fresh temporary store (deleted afterwards) unless ``store=`` is given.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import client_fixtures
 import pytest
 
 from hpcai_async.server import LocalServer, NullEngine
+
+_ON_EVERY_LOOP = ("test_client_", "test_porting")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    fn = metafunc.function
+    if (
+        metafunc.module.__name__.startswith(_ON_EVERY_LOOP)
+        and "null_server" in metafunc.fixturenames
+        and "loop" not in metafunc.fixturenames  # it chooses its loops itself
+        and "async def" in inspect.getsource(fn)  # an async test (a blocking one runs on the private loop)
+    ):
+        metafunc.parametrize("_loop_kind", client_fixtures.LOOPS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    kind: str = getattr(request, "param", "asyncio")
+    client_fixtures.default_loop = kind
+    yield kind
+    client_fixtures.default_loop = "asyncio"
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import concurrent.futures
 import threading
 
 import pytest
-from client_fixtures import LOOPS, HasURL, client, run, small_batch
+from client_fixtures import LOOPS, HasURL, client, foreign_loop, run, small_batch
 
 from hpcai_async import APIFuture, NotFoundError, ServiceClient, TrainingClient, types
 
@@ -138,13 +138,14 @@ def test_futures_cross_loops_and_threads(null_server: HasURL) -> None:
             tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
             fut = await tc.optim_step_async(types.AdamParams())
 
-            def elsewhere() -> float:
-                async def other_loop() -> float:
-                    return (await fut).metrics["step:max"]  # type: ignore[index]
+            async def on_other_loop() -> float:
+                return (await fut).metrics["step:max"]  # type: ignore[index]
 
-                return asyncio.run(other_loop())
-
-            from_other_loop = await asyncio.to_thread(elsewhere)
+            other = foreign_loop()
+            try:
+                from_other_loop = await asyncio.to_thread(other.run, on_other_loop(), 10)
+            finally:
+                await asyncio.to_thread(other.stop)
             from_thread = await asyncio.to_thread(lambda: fut.result(timeout=10).metrics["step:max"])  # type: ignore[index]
             assert from_other_loop == from_thread == 1
 

@@ -45,12 +45,14 @@ for name in ("save_checkpoint", "save_checkpoint_async", "get_last_checkpoint", 
              "read_jsonl"):
     sigs[f"checkpoint_utils.{name}"] = params(getattr(hpcai.checkpoint_utils, name))
 
-fields = {}
+fields, methods = {}, {}
 for name in dir(hpcai.types):
     obj = getattr(hpcai.types, name)
     if isinstance(obj, type) and issubclass(obj, pydantic.BaseModel):
         fields[name] = {k: "<required>" if f.is_required() else json.dumps(f.default, default=str)
                         for k, f in obj.model_fields.items()}
+        methods[name] = [m for m in vars(obj) if not m.startswith("_") and m not in dir(pydantic.BaseModel)
+                         and m not in obj.model_fields]
 
 modules = {}
 def walk(pkg, prefix):
@@ -65,7 +67,9 @@ def defined(mod):
                   and not n.startswith("_"))
 interfaces = {m.name: defined(importlib.import_module(f"{pi.__name__}.{m.name}"))
               for m in pkgutil.iter_modules(pi.__path__)}
-print(json.dumps({"all": list(hpcai.__all__), "sigs": sigs, "fields": fields, "modules": modules,
+print(json.dumps({"all": list(hpcai.__all__), "sigs": sigs, "fields": fields, "methods": methods,
+                  "modules": modules, "types": [n for n in dir(hpcai.types) if not n.startswith("_")
+                                                and not inspect.ismodule(getattr(hpcai.types, n))],
                   "interfaces": {"": list(pi.__all__), **interfaces}}))
 """
 
@@ -177,6 +181,14 @@ def test_every_official_top_level_name_is_exported(official: dict[str, Any]) -> 
             assert getattr(hpcai_async, name) is getattr(types, name), name  # one implementation
 
 
+def test_every_official_types_name_is_ours(official: dict[str, Any]) -> None:
+    names = [n for n in official["types"] if n != "annotations"]  # its `from __future__ import annotations`
+    missing = [n for n in names if not _type_gap(n) and not hasattr(types, n)]
+    assert not missing
+    unlisted = [n for n in names if hasattr(types, n) and n not in types.__all__]
+    assert not unlisted  # what the official package offers, ours lists
+
+
 def test_every_official_types_submodule_imports_from_ours(official: dict[str, Any]) -> None:
     problems = []
     for path, names in official["modules"].items():
@@ -221,6 +233,17 @@ def test_official_type_fields_and_defaults(official: dict[str, Any]) -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_official_type_methods_exist(official: dict[str, Any]) -> None:
+    """``ModelInput.from_ints``, ``TensorData.to_torch``, ``EncodedTextChunk.length`` and the rest."""
+    missing = [
+        f"{name}.{method}"
+        for name, names in official["methods"].items()
+        for method in names
+        if hasattr(types, name) and not hasattr(getattr(types, name), method)
+    ]
+    assert missing == ["Datum.convert_tensors"]  # the official pydantic validator; ours is __post_init__
+
+
 def _plain(value: Any) -> Any:
     if value is msgspec.NODEFAULT or value is msgspec.UNSET:
         return None
@@ -232,6 +255,7 @@ def _plain(value: Any) -> Any:
 
 PUBLIC_MODULES = [
     "hpcai_async",
+    "hpcai_async.cli",
     "hpcai_async.types",
     "hpcai_async.checkpoint_utils",
     "hpcai_async.lib.public_interfaces",

@@ -3,8 +3,9 @@
 Structs mirror the official SDK's models field for field, so ``print(result)`` reads like the reference
 output. Fields that exist only in our protocol extensions (``seq_id``, ``weight_decay``, ...) default to
 ``UNSET`` and are never sent unless set. Tensor payloads (``TensorData.data``, ``EncodedTextChunk.tokens``)
-may hold a list, a numpy array or raw little-endian bytes; ``_tensor`` turns any of them into numpy without
-per-element Python work.
+are carried as a list, a numpy array or raw little-endian bytes (``.raw``; ``_tensor`` turns any of them into
+numpy without per-element Python work), and always *read* as a list of Python numbers, as in the official
+SDK. The official SDK's ``hpcai.types.<submodule>`` paths exist too (``_paths``).
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ _KEY_DTYPES: dict[str, TensorDtype] = {
 # ---------------------------------------------------------------------------------------- tensors and inputs
 
 
+_WIRE_DTYPES = _tensor.DTYPES  # numpy is imported here anyway: look the table up once, not per struct
+
+
 def _owned(value: Any, dtype: TensorDtype, what: str) -> Any:
     """A payload the struct owns: lists and tuples copied to a list, arrays copied, bytes kept (immutable).
 
@@ -110,7 +114,7 @@ def _owned(value: Any, dtype: TensorDtype, what: str) -> Any:
     if isinstance(value, list | tuple):
         return list(value)
     if isinstance(value, np.ndarray):
-        if value.dtype == _tensor.DTYPES.get(dtype):
+        if value.dtype == _WIRE_DTYPES.get(dtype):
             return value.copy()
         return _tensor.as_array(value, dtype, what=what)  # a conversion is a copy already
     if isinstance(value, bytearray | memoryview):
@@ -204,7 +208,7 @@ class TensorData(Struct, kw_only=True, gc=False):
         if isinstance(data, np.ndarray):
             return int(data.size)
         if isinstance(data, bytes):
-            return len(data) // _tensor.DTYPES[self.dtype].itemsize
+            return len(data) // _WIRE_DTYPES[self.dtype].itemsize
         return len(data)
 
     def __repr__(self) -> str:
