@@ -48,6 +48,9 @@ class OfficialUnavailable(RuntimeError):
     """The official SDK's environment could not be made (the message says which step failed)."""
 
 
+_failed: OfficialUnavailable | None = None
+
+
 @contextmanager
 def _locked() -> Iterator[None]:
     HOME.mkdir(exist_ok=True)
@@ -98,10 +101,17 @@ def official_python() -> str:
         if not _works(override):
             raise OfficialUnavailable(f"HPCAI_OFFICIAL_PYTHON={override}: no hpcai 0.2.0 (or datasets)")
         return override
+    global _failed
+    if _failed is not None:
+        raise _failed  # one failed build per process, not one per test
     python = str(VENV / "bin" / "python")
     with _locked():
         if not (_STAMP.exists() and _works(python)):
-            _build()
+            try:
+                _build()
+            except OfficialUnavailable as exc:
+                _failed = exc
+                raise
     return python
 
 
