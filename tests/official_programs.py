@@ -22,7 +22,8 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,45 @@ def checkpoints(log_path: Path) -> list[dict[str, Any]]:
     """The cookbook's ``checkpoints.jsonl``: one line per saved checkpoint (name, paths, loop state)."""
     lines = (log_path / "checkpoints.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+CHAT = [
+    {
+        "messages": [
+            {"role": "user", "content": "What is two plus two?"},
+            {"role": "assistant", "content": "Two plus two is four."},
+        ]
+    }
+] * 16
+
+
+@contextmanager
+def open_programs(tmp_path: Path) -> Iterator[Programs]:
+    """What the ``programs`` fixture of the test modules yields: a server, with the datasets written."""
+    server = serve(tmp_path)
+    chat = {
+        "train": write_jsonl(tmp_path / "data" / "chat.jsonl", CHAT),
+        "test": write_jsonl(tmp_path / "data" / "chat_test.jsonl", CHAT[:4]),
+    }
+    quiz = {"quiz": "A says B lies. B says A lies. Who lies?", "solution_text": "Exactly one of them lies."}
+    gsm8k = [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}] * 4
+    datasets = {
+        "openai/gsm8k": {"train": write_jsonl(tmp_path / "data" / "gsm8k.jsonl", gsm8k)},
+        "HuggingFaceH4/no_robots": chat,
+        "K-and-K/knights-and-knaves": {"train": write_jsonl(tmp_path / "data" / "kk.jsonl", [quiz] * 96)},
+    }
+    try:
+        yield Programs(server, tmp_path, datasets)
+    finally:
+        server.close()
+
+
+def falls(values: list[float]) -> bool:
+    return len(values) >= 2 and values[-1] < values[0]
+
+
+def interrupted_after_the_first_checkpoint(log: Path) -> dict[str, object]:
+    """Forget every checkpoint after the first, as if the run had been stopped there; return that one."""
+    saved = checkpoints(log)
+    (log / "checkpoints.jsonl").write_text(json.dumps(saved[0]) + "\n")
+    return saved[0]

@@ -8,7 +8,6 @@ See ``official_programs`` for the two ways and the local set-up (served model na
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,58 +19,20 @@ from official_programs import (
     Programs,
     checkpoints,
     cookbook_file,
+    falls,
+    interrupted_after_the_first_checkpoint,
     metrics,
+    open_programs,
     sdist_file,
-    serve,
-    write_jsonl,
 )
 
 pytestmark = pytest.mark.timeout(400)
 
-CHAT = [
-    {
-        "messages": [
-            {"role": "user", "content": "What is two plus two?"},
-            {"role": "assistant", "content": "Two plus two is four."},
-        ]
-    }
-] * 16
-
 
 @pytest.fixture
 def programs(tmp_path: Path) -> Iterator[Programs]:
-    server = serve(tmp_path)
-    chat = {
-        "train": write_jsonl(tmp_path / "data" / "chat.jsonl", CHAT),
-        "test": write_jsonl(tmp_path / "data" / "chat_test.jsonl", CHAT[:4]),
-    }
-    quiz = {"quiz": "A says B lies. B says A lies. Who lies?", "solution_text": "Exactly one of them lies."}
-    gsm8k = [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}] * 4
-    datasets = {
-        "openai/gsm8k": {"train": write_jsonl(tmp_path / "data" / "gsm8k.jsonl", gsm8k)},
-        "HuggingFaceH4/no_robots": chat,
-        "K-and-K/knights-and-knaves": {"train": write_jsonl(tmp_path / "data" / "kk.jsonl", [quiz] * 96)},
-    }
-    try:
-        yield Programs(server, tmp_path, datasets)
-    finally:
-        server.close()
-
-
-# the recipes that end in the cookbook's UnloadContextManager: `unload_model().result()` inside `async def`
-# code on the loop the client is bound to, which our client refuses (issue #9 item 8, not yet closed)
-UNLOAD_IN_ASYNC = pytest.mark.xfail(strict=True, reason="unload_model().result() on the client's loop")
-
-
-def _falls(values: list[float]) -> bool:
-    return len(values) >= 2 and values[-1] < values[0]
-
-
-def _interrupted_after_the_first_checkpoint(log: Path) -> dict[str, object]:
-    """Forget every checkpoint after the first, as if the run had been stopped there; return that one."""
-    saved = checkpoints(log)
-    (log / "checkpoints.jsonl").write_text(json.dumps(saved[0]) + "\n")
-    return saved[0]
+    with open_programs(tmp_path) as running:
+        yield running
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -84,53 +45,7 @@ def test_the_sft_example(programs: Programs, way: str) -> None:
     proc = programs.run(sdist_file("examples/sft.py"), way=way, edit=edit)
     steps = re.findall(r"^Step (\d+)/3 \| Loss: ([\d.]+)", proc.stdout, flags=re.MULTILINE)
     assert [int(step) for step, _ in steps] == [1, 2, 3], proc.stdout[-2000:]
-    assert _falls([float(loss) for _, loss in steps])
-
-
-@UNLOAD_IN_ASYNC
-@pytest.mark.parametrize("way", WAYS)
-def test_sl_basic(programs: Programs, way: str) -> None:
-    # its dataset builder is fixed in the recipe (Qwen/Qwen3-4B, batch 32): 64 rows are 2 steps
-    chat = programs.datasets["HuggingFaceH4/no_robots"]
-    chat["train"] = write_jsonl(programs.root / "data" / "chat64.jsonl", CHAT * 4)
-    log = programs.root / "sl_basic"
-    programs.run(cookbook_file("recipes/sl_basic.py"), [f"log_path={log}", "learning_rate=1e-3"], way=way)
-    logged = metrics(log)
-    assert [m["step"] for m in logged] == [0, 1]
-    assert _falls([m["train_mean_nll"] for m in logged])
-
-
-@UNLOAD_IN_ASYNC
-@pytest.mark.parametrize("way", WAYS)
-def test_chat_sl_fresh_resumed_and_from_a_checkpoint(programs: Programs, way: str) -> None:
-    data = programs.datasets["HuggingFaceH4/no_robots"]["train"]
-    common = [f"model_name={MODEL}", f"dataset={data}", "batch_size=4", "learning_rate=1e-3", "lora_rank=8"]
-    common += ["save_every=2", "eval_every=0", "max_length=256"]
-    log = programs.root / "chat_sl"
-    train = cookbook_file("recipes/chat_sl/train.py")
-    programs.run(train, [*common, f"log_path={log}"], way=way)
-    first = metrics(log)
-    assert [m["step"] for m in first] == [0, 1, 2, 3]
-    assert _falls([m["train_mean_nll"] for m in first])
-
-    # the recipe pipelines: step 2's checkpoint is saved once step 3 was submitted, so it holds the weights
-    # after 4 updates and says "resume at batch 2" (its loop state); the rows are all alike, so a run on
-    # those weights starts where the first run ended, below its last loss
-    saved = _interrupted_after_the_first_checkpoint(log)
-    programs.run(train, [*common, f"log_path={log}", "behavior_if_log_dir_exists=resume"], way=way)
-    resumed = metrics(log)[len(first) :]
-    assert [m["step"] for m in resumed] == [2, 3]
-    assert resumed[0]["train_mean_nll"] < first[-1]["train_mean_nll"]
-
-    # a new run from that checkpoint's weights (load_checkpoint_path: a fresh optimizer) starts from the
-    # same loss as the resumed one
-    other = programs.root / "chat_sl_loaded"
-    load = f"load_checkpoint_path={saved['state_path']}"
-    programs.run(train, [*common, f"log_path={other}", load], way=way)
-    loaded = metrics(other)
-    assert [m["step"] for m in loaded] == [0, 1, 2, 3]
-    assert loaded[0]["train_mean_nll"] == pytest.approx(resumed[0]["train_mean_nll"], rel=1e-4)
-    assert _falls([m["train_mean_nll"] for m in loaded])
+    assert falls([float(loss) for _, loss in steps])
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -141,10 +56,10 @@ def test_sl_loop_fresh_then_resumed(programs: Programs, way: str) -> None:
     programs.run(cookbook_file("recipes/sl_loop.py"), args, way=way)
     first = metrics(log)
     assert [m["step"] for m in first] == [0, 1, 2, 3]
-    assert _falls([m["train_mean_nll"] for m in first])
+    assert falls([m["train_mean_nll"] for m in first])
     assert [c["name"] for c in checkpoints(log)] == ["000002", "final"]
 
-    _interrupted_after_the_first_checkpoint(log)  # the program resumes from step 2's checkpoint
+    interrupted_after_the_first_checkpoint(log)  # the program resumes from step 2's checkpoint
     programs.run(cookbook_file("recipes/sl_loop.py"), args, way=way)
     resumed = metrics(log)[len(first) :]
     assert [m["step"] for m in resumed] == [2, 3]
@@ -169,17 +84,4 @@ def test_rl_loop(programs: Programs, way: str) -> None:
     logged = metrics(log)
     assert [m["step"] for m in logged] == [0, 1]  # 4 questions, 2 a batch
     assert all(m["reward/total"] == 0.0 for m in logged)
-    assert checkpoints(log)[-1]["name"] == "final"
-
-
-@UNLOAD_IN_ASYNC
-@pytest.mark.parametrize("way", WAYS)
-def test_math_rl_on_the_arithmetic_environment(programs: Programs, way: str) -> None:
-    log = programs.root / "math_rl"
-    args = [f"log_path={log}", f"model_name={MODEL}", "env=arithmetic", "group_size=2", "groups_per_batch=1"]
-    args += ["max_tokens=2", "lora_rank=8", "eval_every=0", "save_every=0", "learning_rate=1e-3"]
-    programs.run(cookbook_file("recipes/math_rl/train.py"), args, way=way, timeout=300)
-    logged = metrics(log)
-    assert [m["step"] for m in logged] == list(range(100))  # the recipe's arithmetic set: 100 batches
-    assert all(m["env/all/total_episodes"] == 2 and "env/all/reward/total" in m for m in logged)
     assert checkpoints(log)[-1]["name"] == "final"
