@@ -1,8 +1,8 @@
 """The reference walkthrough through the official ``hpcai`` SDK, unchanged, against our local server.
 
-The official SDK is not a dependency: it is looked for in ``$HPCAI_OFFICIAL_PYTHON``, in the benchmark's
-own virtual environment (``bench/.venv-official``, made by ``python -m bench``), or in this interpreter; the
-test is skipped when none has it. It runs in a subprocess because the two SDKs do not share an interpreter.
+The official SDK is not a dependency: it runs in its own virtual environment, built on first use by
+``official_env.official_python()`` (``.official/venv``; ``$HPCAI_OFFICIAL_PYTHON`` overrides), in a
+subprocess because the two SDKs do not share an interpreter.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from official_env import official_python
 
 from hpcai_async import ServiceClient, types
 
@@ -61,24 +61,8 @@ print(json.dumps(out))
 """
 
 
-def _official_python() -> str | None:
-    candidates = [os.environ.get("HPCAI_OFFICIAL_PYTHON"), str(ROOT / "bench/.venv-official/bin/python")]
-    for python in candidates:
-        if python and Path(python).exists():
-            return python
-    try:
-        import hpcai  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        return None
-    return sys.executable
-
-
 def test_reference_walkthrough_through_the_official_sdk(server) -> None:  # type: ignore[no-untyped-def]
-    python = _official_python()
-    if python is None:
-        pytest.skip(
-            "the official hpcai SDK is not installed (python -m bench puts it in bench/.venv-official)"
-        )
+    python = official_python()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPCAI_")}
     env.update(HPCAI_BASE_URL=server.url, HPCAI_API_KEY=server.api_key, HPCAI_TELEMETRY="0")
     command = [python, "-c", WALKTHROUGH, BUILTIN]
@@ -113,3 +97,46 @@ def test_reference_walkthrough_through_the_official_sdk(server) -> None:  # type
         trained = ours.forward([datum]).result().loss_fn_outputs[0]["logprobs"].to_numpy()
     # one AdamW step with lr 1e-2 moved the logprobs of the trained targets up
     assert trained.sum() > sum(fwd["logprobs"])
+
+
+SDK_BUGS = r"""
+import json, sys
+from hpcai import ServiceClient
+
+service = ServiceClient()
+tc = service.create_lora_training_client(base_model=sys.argv[1], rank=4)
+path = tc.save_state("bug").result().path
+sampler = tc.save_weights_for_sampler("bug").result().path
+out = {"path": path, "sampler": sampler}
+out["with_optimizer"] = hasattr(service, "create_training_client_from_state_with_optimizer")
+calls = {"from_state": lambda: service.create_training_client_from_state(path),
+         "sampling_without_base_model": lambda: service.create_sampling_client(model_path=sampler)}
+for name, call in calls.items():
+    try:
+        call()
+        out[name] = "ok"
+    except Exception as exc:
+        out[name] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(out))
+"""
+
+
+def test_the_official_sdks_own_failures_that_its_cookbook_runs_into(server) -> None:  # type: ignore[no-untyped-def]
+    """README "Porting from hpcai": what fails in the official SDK itself against our server; ours does it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCAI_")}
+    env.update(HPCAI_BASE_URL=server.url, HPCAI_API_KEY=server.api_key, HPCAI_TELEMETRY="0")
+    command = [official_python(), "-c", SDK_BUGS, BUILTIN]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=100, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["with_optimizer"] is False  # the cookbook's resume path calls it
+    assert out["from_state"] == "ValueError: Invalid checkpoint type: weights"  # its own save_state's path
+    assert out["sampling_without_base_model"] == "ValueError: base_model must be provided"  # rl_loop's call
+
+    with ServiceClient(base_url=server.url, api_key=server.api_key) as service:
+        resumed = service.create_training_client_from_state_with_optimizer(out["path"])
+        assert resumed.get_info().model_data.model_name == BUILTIN
+        sampler = service.create_sampling_client(model_path=out["sampler"])  # no base_model needed
+        prompt = types.ModelInput.from_ints([1, 2, 3])
+        res = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2, seed=1)).result()
+        assert len(res.sequences[0].tokens) <= 2
