@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from ._errors import APIError, BadRequestError, ConfigurationError
+from ._errors import APIError, ConfigurationError
 from ._wire import shorten as _shorten
 from .types import Datum, ForwardBackwardOutput, TensorData
 
@@ -63,12 +63,12 @@ _TOKEN_MAX = 2**63 - 1  # token ids travel as int64 (PROTOCOL.md §5)
 def check_data(data: Sequence[Datum], where: str = "data") -> None:
     """The rules the client can check before it reserves a sequence number (the server's, written for it).
 
-    An empty batch is a ``BadRequestError``, as the server answers; a token id that is not a non-negative
-    64-bit integer is a ``ConfigurationError`` naming the datum and chunk (it could not even be encoded).
+    A token id that is not a non-negative 64-bit integer is a ``ConfigurationError`` naming the datum and
+    chunk (it could not even be encoded). An empty batch is no error: it makes no chunks, so nothing is sent
+    and the result is the empty output, as with the official client (the cookbook's RL loops send one when
+    every advantage is zero); the server refuses an empty request body, which no client sends.
     Lists are checked with ``min``/``max`` (C speed); arrays and raw bytes are int64 by construction.
     """
-    if not data:
-        raise BadRequestError(f"{where}: the batch is empty; send at least one Datum", status=400)
     for i, datum in enumerate(data):
         for j, chunk in enumerate(datum.model_input.chunks):
             tokens = getattr(chunk, "tokens", None)

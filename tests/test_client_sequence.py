@@ -16,7 +16,7 @@ from client_fixtures import HasURL, client, run, small_batch
 from fault_proxy import FaultProxy
 
 from hpcai_async import ConfigurationError, types
-from hpcai_async._errors import BadRequestError, IdempotencyConflictError, SequenceConflictError
+from hpcai_async._errors import IdempotencyConflictError, SequenceConflictError
 from hpcai_async._sequence import Sequencer
 from hpcai_async.training import TrainingClient
 
@@ -168,14 +168,18 @@ def test_a_request_that_fails_to_encode_releases_its_number_at_once(server_facto
     run(main)
 
 
-def test_an_empty_batch_is_the_servers_400_on_the_client_too(null_server: HasURL) -> None:
+def test_an_empty_batch_is_the_empty_result_and_sends_nothing(null_server: HasURL) -> None:
+    """As with the official client: no chunks, no request, no sequence number; the empty output."""
+
     async def main() -> None:
         async with client(null_server) as service:
             tc = await service.create_lora_training_client_async(NULL_MODEL)
+            before = (await tc.get_info_async()).next_seq_id
             for call in (tc.forward_backward_async, tc.forward_async):
-                with pytest.raises(BadRequestError, match="empty") as info:
-                    await call([])
-                assert info.value.status == 400
+                out = await (await call([]))
+                assert (out.loss_fn_output_type, out.loss_fn_outputs, out.metrics) == ("", [], {})
+            assert (await tc.get_info_async()).next_seq_id == before + 1  # only the get_info itself
+            assert await _steps(tc) == 0
 
     run(main)
 
