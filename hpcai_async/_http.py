@@ -153,6 +153,16 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str | int] | None = None,
     ) -> None:
+        self._settings: dict[str, Any] = dict(
+            base_url=base_url,
+            api_key=api_key,
+            connection_limit=connection_limit,
+            retry=retry,
+            request_timeout=request_timeout,
+            poll_timeout=poll_timeout,
+            headers=headers,
+            params=params,
+        )
         self.base_url = base_url.rstrip("/") + "/"
         self.api_url = self.base_url + "api/v1/"
         self.connection_limit = connection_limit
@@ -181,6 +191,10 @@ class Transport:
         self._caps_task: asyncio.Task[GetServerCapabilitiesResponse] | None = None
         self._shutdown_hook: tuple[AsyncIterator[None], asyncio.Future[None]] | None = None
         self._new_batchers()
+
+    def detached(self) -> Transport:
+        """A new transport to the same service with the same settings: its own session, not yet bound."""
+        return Transport(**self._settings)
 
     @property
     def retry_timeout(self) -> float:

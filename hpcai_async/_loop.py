@@ -275,7 +275,7 @@ def _name(fn: Callable[..., Any]) -> str:
     return fn.__name__.removesuffix("_async")
 
 
-def _sync_wrapper(fn: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
+def mark_sync_form(fn: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
     functools.update_wrapper(wrapper, fn)
     name = _name(fn)
     wrapper.__name__ = name
@@ -313,7 +313,7 @@ def blocking(
             cf.cancel()  # e.g. KeyboardInterrupt: stop the work on the loop too
             raise
 
-    _sync_wrapper(fn, wrapper)
+    mark_sync_form(fn, wrapper)
     return wrapper
 
 
@@ -326,7 +326,7 @@ def future(
         loop = self._binding.for_sync(f"{type(self).__name__}.{_name(fn)}", own_thread=True)
         return _start(loop, fn(self, *args, **kwargs))
 
-    _sync_wrapper(fn, wrapper)
+    mark_sync_form(fn, wrapper)
     signature = inspect.signature(fn)  # what help() shows: the same parameters, an APIFuture of the value
     returns = signature.return_annotation
     returns = returns if isinstance(returns, str) else getattr(returns, "__name__", repr(returns))
@@ -368,7 +368,7 @@ def submit(
         loop = self._binding.for_sync(f"{type(self).__name__}.{_name(fn)}", own_thread=unordered_after)
         return _start(loop, _then(fn(self, *args, **kwargs)))
 
-    _sync_wrapper(fn, wrapper)
+    mark_sync_form(fn, wrapper)
     return wrapper
 
 

@@ -45,6 +45,11 @@ class Sequencer:
         """How many numbers were handed out."""
         return self._next
 
+    @property
+    def idle(self) -> bool:
+        """Whether every number handed out has finished (nothing is waiting to be sent or answered)."""
+        return self._low == self._next
+
     def reserve(self, count: int = 1) -> int:
         """Take ``count`` consecutive numbers (synchronously, so call order is wire order); the first."""
         first = self._next

@@ -19,6 +19,7 @@ result. Checking, chunking and combining are pure functions in ``_chunks``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar
@@ -39,7 +40,7 @@ from ._chunks import (
 from ._errors import APIError, NotFoundError
 from ._futures import APIFuture, QueueStateObserver
 from ._http import Transport
-from ._loop import LoopBinding, blocking, on_client_loop, submit
+from ._loop import LoopBinding, LoopThread, blocking, mark_sync_form, on_client_loop, on_own_thread, submit
 from ._retry import RetryConfig
 from ._sequence import Sequencer
 from ._tokenizer import load_tokenizer
@@ -497,7 +498,51 @@ class TrainingClient(QueueStateObserver):
 
     # On the client's own loop the plain form is scheduled there (the cookbook calls it from __exit__ inside
     # async code): it runs after everything called before it, and nothing after an unload can matter.
-    unload_model = submit(unload_model_async, unordered_after=True)
+    _unload_model = submit(unload_model_async, unordered_after=True)
+
+    def unload_model(self) -> APIFuture[UnloadModelResponse]:
+        # Called inside async code on the client's own loop with nothing of this client outstanding (the
+        # cookbook's ``unload_model().result()`` in ``__exit__``), the unload is done now, through a
+        # transport of its own on a helper loop, so that ``.result()`` completes as with the official SDK.
+        # Otherwise the scheduled form above keeps the order of what is still under way.
+        loop = self._binding.loop
+        if loop is not None and on_own_thread(loop) and self._seq.idle:
+            # the helper's request takes this client's next place in the run's sequence: keep it taken
+            # (unless the sequence's start is still to be read from the server, which will count it)
+            n = self._seq.reserve() if self._first_seq_id is not None else None
+            done: concurrent.futures.Future[UnloadModelResponse] = concurrent.futures.Future()
+            try:
+                done.set_result(_unload_detached(self))
+            except Exception as exc:
+                done.set_exception(exc)
+            finally:
+                if n is not None:
+                    self._seq.abandon(n)
+            return APIFuture(loop, done)
+        return self._unload_model()
+
+    mark_sync_form(unload_model_async, unload_model)  # its name, signature and docstring, as submit gives
+
+
+def _unload_detached(tc: TrainingClient) -> UnloadModelResponse:
+    """Unload ``tc``'s run through a new transport on a helper loop, blocking this thread until it is done.
+
+    The helper client attaches to the run (it goes on from get_info's ``next_seq_id``), so it is only used
+    when ``tc`` has nothing outstanding that could still arrive behind it."""
+    transport = tc._transport.detached()
+    helper = LoopThread("hpcai-async-unload")
+
+    async def unload() -> UnloadModelResponse:
+        try:
+            attached = TrainingClient(transport, tc.model_id, tc.base_model, first_seq_id=None)
+            return await (await attached.unload_model_async())
+        finally:
+            await transport.aclose()
+
+    try:
+        return helper.run(unload())
+    finally:
+        helper.stop()
 
 
 class _Started(Generic[T]):

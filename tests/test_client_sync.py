@@ -130,6 +130,26 @@ def test_plain_calls_that_can_complete_work_inside_async_code_on_the_clients_loo
     run(main, loop)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_unload_model_result_completes_inside_async_code_on_the_clients_loop(
+    null_server: HasURL, loop: str
+) -> None:
+    """The cookbook's ``unload_model().result()`` in ``__exit__``, with the client's earlier work all done."""
+
+    async def main() -> None:
+        async with client(null_server) as service:
+            tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+            await (await tc.forward_backward_async(small_batch(1)))
+            await (await tc.optim_step_async(types.AdamParams()))
+            assert tc.unload_model().result(timeout=30).model_id == tc.model_id  # blocking, on the loop
+            run_ = null_server.scheduler.models[tc.model_id]  # type: ignore[attr-defined]
+            assert run_.status == "unloaded"
+            with pytest.raises(NotFoundError, match="unloaded"):
+                await (await tc.forward_backward_async(small_batch(1)))
+
+    run(main, loop)
+
+
 def test_futures_cross_loops_and_threads(null_server: HasURL) -> None:
     """A future made on one loop is awaited on a loop in another thread, and read from a third thread."""
 
