@@ -26,7 +26,10 @@ lives on, chosen by the first call:
    * a method whose plain form returns a future and whose order cannot matter is scheduled on the loop as
      a task and its future returned at once: ``sample``, ``compute_logprobs``, the RestClient's methods, and
      ``unload_model`` (it runs after everything called before it; it ends the run). Await the future, or
-     let it finish in the background; its ``result()`` on that thread raises, as it could never finish;
+     let it finish in the background; its ``result()`` on that thread raises, as it could never finish.
+     One exception: ``unload_model()`` of a TrainingClient with nothing outstanding (every earlier call
+     answered, as in the cookbook's ``UnloadContextManager``) unloads at once through a helper transport
+     on a helper loop, so its ``result()`` completes, as with the official SDK;
    * ``get_tokenizer()`` does its work without the loop (the tokenizer of the client's ``base_model``,
      loaded in the calling thread);
    * everything else (ordered training calls, blocking methods that need the server) raises
