@@ -36,6 +36,8 @@ TORCH = "torch==2.13.0"
 HPCAI = "hpcai==0.2.0"
 # a datasets/pyarrow pair that works beside hpcai's numpy<2 (see the module docstring)
 COOKBOOK_PINS = ("pyarrow==23.0.0", "datasets==4.4.1")
+# every package of the venv at the version it resolved to once: pip's resolver then has nothing to search
+CONSTRAINTS = Path(__file__).with_name("official-constraints.txt")
 _STAMP = VENV / ".installed"
 _LOG = HOME / "install.log"
 _PROBE = (
@@ -85,7 +87,7 @@ def _build() -> None:
         [
             [sys.executable, "-m", "venv", "--clear", str(VENV)],
             [*pip, TORCH],
-            [*pip, HPCAI, *COOKBOOK_PINS],
+            [*pip, HPCAI, *COOKBOOK_PINS, "-c", str(CONSTRAINTS)],
         ]
     )
     if not _works(venv_python):
