@@ -1,14 +1,14 @@
 """TrainingClient: ordered, pipelined training requests; chunked forward passes; custom losses; tokenizers.
 
-Ordering (``_sequence``). Every training request takes its sequence number ``n`` (from 0, per TrainingClient)
-when its coroutine starts, before its first ``await``, so call order is execution order. ``n`` is in the
-idempotency key ``{session}:{client}:{n}`` (PROTOCOL.md §4.1). Where the server lists ``"seq_id"`` in its
-capabilities, the request also carries ``seq_id = first + n`` (``first``: 1 for a new run, the run's
-``next_seq_id`` for one this client attached to) and is sent at once, concurrently with the others, and the
-server restores the order (§4.2). A number that will not be sent is released at once. Otherwise request
-``n`` is sent as soon as request ``n - 1`` has been acknowledged (its POST answered), never waiting for a
-previous *result*: a ``forward_backward`` and the ``optim_step`` after it are both queued on the server
-before either finishes.
+Ordering (``_ordered``, over ``_sequence``'s numbers). Every training request takes its sequence number
+``n`` (from 0, per TrainingClient) when its coroutine starts, before its first ``await``, so call order is
+execution order. ``n`` is in the idempotency key ``{session}:{client}:{n}`` (PROTOCOL.md §4.1). Where the
+server lists ``"seq_id"`` in its capabilities, the request also carries ``seq_id = first + n`` (``first``: 1
+for a new run, the run's ``next_seq_id`` for one this client attached to) and is sent at once, concurrently
+with the others, and the server restores the order (§4.2). A number that will not be sent is released at
+once. Otherwise request ``n`` is sent as soon as request ``n - 1`` has been acknowledged (its POST answered),
+never waiting for a previous *result*: a ``forward_backward`` and the ``optim_step`` after it are both queued
+on the server before either finishes.
 
 ``fut = await tc.forward_backward_async(...)`` returns an ``APIFuture`` once the request is on its way (in
 turn mode: once its POST was answered; in seq_id mode: at once), and its polling has started; ``await fut``
@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar
-
-import msgspec
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from ._chunks import (
     MAX_CHUNK_LEN,
@@ -37,12 +34,12 @@ from ._chunks import (
     custom_count,
     linearize,
 )
-from ._errors import APIError, NotFoundError
+from ._errors import APIError
 from ._futures import APIFuture, QueueStateObserver
 from ._http import Transport
 from ._loop import LoopBinding, LoopThread, blocking, mark_sync_form, on_client_loop, on_own_thread, submit
+from ._ordered import Body, RunRequests, Started
 from ._retry import RetryConfig
-from ._sequence import Sequencer
 from ._tokenizer import load_tokenizer
 from .sampling import SamplingClient
 from .types import (
@@ -63,7 +60,6 @@ from .types import (
     SaveWeightsRequest,
     SaveWeightsResponse,
     UnloadModelResponse,
-    UntypedAPIFuture,
 )
 
 if TYPE_CHECKING:
@@ -81,19 +77,6 @@ __all__ = (
 )
 
 T = TypeVar("T")
-
-# The extension flag that makes load_weights restore (or not) the optimizer state (PROTOCOL.md §8.7).
-_OPTIMIZER_FEATURE = "load_optimizer"
-
-_Body: TypeAlias = (
-    ForwardRequest
-    | ForwardBackwardRequest
-    | OptimStepRequest
-    | ModelIdRequest
-    | SaveWeightsRequest
-    | LoadWeightsRequest
-)
-
 
 # --------------------------------------------------------------------------------------------- the client
 
@@ -116,12 +99,9 @@ class TrainingClient(QueueStateObserver):
         self._transport = transport
         self.model_id = model_id
         self.base_model = base_model
-        self._index = transport.training_client_index()
-        self._seq = Sequencer()
-        # seq_id of request 0: 1 for a run this client created; None for a run it attached to, whose
-        # sequence goes on from get_info's next_seq_id (read once, before the first request)
-        self._first_seq_id = first_seq_id
-        self._first_seq_task: asyncio.Task[int] | None = None
+        self._orders = RunRequests(
+            transport, model_id, first_seq_id=first_seq_id, on_queue_state=self._observe_queue_state
+        )
         self._tokenizer: asyncio.Future[PreTrainedTokenizerBase] | None = None
 
     @property
@@ -131,146 +111,27 @@ class TrainingClient(QueueStateObserver):
     def __repr__(self) -> str:
         return f"TrainingClient(model_id={self.model_id!r}, base_model={self.base_model!r})"
 
-    # ----------------------------------------------------------------------------------------- ordering
-
-    def _key(self, n: int) -> str:
-        return f"{self._transport.session_id}:{self._index}:{n}"
-
-    async def _first_seq(self) -> int:
-        """The seq_id of request 0: the run's ``next_seq_id`` when attached to an existing run."""
-        if self._first_seq_id is not None:
-            return self._first_seq_id
-        task = self._first_seq_task
-        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-            task = self._first_seq_task = asyncio.get_running_loop().create_task(self._read_next_seq())
-        first = await asyncio.shield(task)
-        self._first_seq_id = first
-        return first
-
-    async def _read_next_seq(self) -> int:
-        body = ModelIdRequest(model_id=self.model_id)  # no seq_id: asks where the run's sequence is
-        info = await self._transport.request("POST", "get_info", GetInfoResponse, body=body)
-        return info.next_seq_id if info.next_seq_id is not None else 1
-
-    def _abandon(self, first: int, count: int) -> None:
-        """Reserved numbers whose requests will never be sent: give them back at once (``_release``)."""
-        for n in range(first, first + count):
-            self._release(n)
-
-    def _release(self, n: int) -> None:
-        """Number ``n`` will not be sent: the client goes on, and a seq_id server skips it at once.
-
-        The server is told with ``POST release_seq`` (contract of the "seq_id" extension); a server without
-        that route gets a ``get_info`` carrying the seq_id, a no-op that takes its turn.
-        """
-        self._seq.abandon(n)
-        first = self._first_seq_id
-        if not self._transport.seq_mode or first is None or self._transport.closed:
-            return
-        try:
-            filler = self._transport.spawn(self._release_seq(first + n))
-        except RuntimeError:  # no running loop (the client's loop is gone): nothing to tell
-            return
-        filler.add_done_callback(_ignore_outcome)
-
-    async def _release_seq(self, seq_id: int) -> None:
-        try:
-            await self._transport.call(
-                "POST", "release_seq", body={"model_id": self.model_id, "seq_id": seq_id}
-            )
-        except NotFoundError:  # a server from before release_seq: fill the hole with a no-op in its turn
-            body = ModelIdRequest(model_id=self.model_id, seq_id=seq_id)
-            await self._transport.request("POST", "get_info", GetInfoResponse, body=body)
-
-    async def _send(self, n: int, path: str, body: _Body, result: type[T]) -> T:
-        """POST request ``n``: with its seq_id at once (within the window), or on its turn.
-
-        Whatever stops it from being sent -- an error while preparing or encoding it, a final error answer,
-        cancellation -- releases its number at once, so the requests after it never wait for it.
-        """
-        seq_mode = False
-        try:
-            features = await self._transport.features()
-            if isinstance(body, LoadWeightsRequest) and _OPTIMIZER_FEATURE not in features:
-                body.optimizer = msgspec.UNSET  # the official protocol has no such field
-            headers = self._transport.submit_headers if result is UntypedAPIFuture else None
-            seq_mode = "seq_id" in features
-            if seq_mode:
-                body.seq_id = await self._first_seq() + n
-                await self._seq.wait_window(n)
-            else:
-                await self._seq.wait_turn(n)
-            answer = await self._transport.request(
-                "POST", path, result, body=body, key=self._key(n), headers=headers, batch=seq_mode
-            )
-        except BaseException:
-            self._release(n)
-            raise
-        if not seq_mode:
-            self._seq.end_turn(n)
-        if result is not UntypedAPIFuture:  # the answer is the result (get_info): nothing to poll
-            self._seq.finish(n)
-        return answer
-
-    def _start(self, n: int, path: str, body: _Body, result: type[T], request_type: str) -> _Started[T]:
-        """Start sending request ``n`` and, once it is acknowledged, polling for its result."""
-        submission = self._transport.spawn(self._send(n, path, body, UntypedAPIFuture), name=f"{path} #{n}")
-        outcome = self._transport.spawn(self._outcome(n, submission, result, request_type, time.monotonic()))
-        return _Started(submission, outcome)
-
-    async def _outcome(
-        self,
-        n: int,
-        submission: asyncio.Task[UntypedAPIFuture],
-        result: type[T],
-        request_type: str,
-        started: float,
-    ) -> T:
-        try:
-            future = await asyncio.shield(submission)  # cancelling the result never cancels the submission
-            return await self._transport.poll(
-                future.request_id,
-                result,
-                request_type=request_type,
-                model_id=future.model_id or self.model_id,
-                roundtrip=time.monotonic() - started,
-                inline=future.result,
-                on_queue_state=self._observe_queue_state,
-            )
-        finally:
-            self._seq.finish(n)  # its result is known (or never will be): the window moves on
-
-    async def _submitted(self, started: Sequence[_Started[Any]]) -> None:
-        """Turn mode: wait until these POSTs were answered. seq_id mode: they are on their way already."""
-        if started and not self._transport.seq_mode:
-            await asyncio.wait([s.submission for s in started])
-
-    async def _op(self, path: str, body: _Body, result: type[T], request_type: str) -> APIFuture[T]:
-        started = self._start(self._seq.reserve(1), path, body, result, request_type)
-        await self._submitted([started])
-        return APIFuture(asyncio.get_running_loop(), started.outcome)
-
     def _start_chunks(
         self,
         first: int,
         path: Literal["forward", "forward_backward"],
         chunks: list[list[Datum]],
         loss_fn: LossFnType,
-    ) -> list[_Started[ForwardBackwardOutput]]:
+    ) -> list[Started[ForwardBackwardOutput]]:
         started = []
         for i, chunk in enumerate(chunks):
-            body: _Body
             fb_input = ForwardBackwardInput(data=chunk, loss_fn=loss_fn)
-            if path == "forward":
-                body = ForwardRequest(forward_input=fb_input, model_id=self.model_id)
-                started.append(self._start(first + i, path, body, ForwardBackwardOutput, "Forward"))
-            else:
-                body = ForwardBackwardRequest(forward_backward_input=fb_input, model_id=self.model_id)
-                started.append(self._start(first + i, path, body, ForwardBackwardOutput, "ForwardBackward"))
+            body: Body = (
+                ForwardRequest(forward_input=fb_input, model_id=self.model_id)
+                if path == "forward"
+                else ForwardBackwardRequest(forward_backward_input=fb_input, model_id=self.model_id)
+            )
+            kind = "Forward" if path == "forward" else "ForwardBackward"
+            started.append(self._orders.start(first + i, path, body, ForwardBackwardOutput, kind))
         return started
 
     @staticmethod
-    async def _combined(started: Sequence[_Started[ForwardBackwardOutput]]) -> ForwardBackwardOutput:
+    async def _combined(started: Sequence[Started[ForwardBackwardOutput]]) -> ForwardBackwardOutput:
         return combine_outputs(await asyncio.gather(*(s.outcome for s in started)))
 
     async def _chunked(
@@ -278,9 +139,9 @@ class TrainingClient(QueueStateObserver):
     ) -> APIFuture[ForwardBackwardOutput]:
         check_data(data)
         chunks = chunk_data(data)
-        started = self._start_chunks(self._seq.reserve(len(chunks)), path, chunks, loss_fn)
+        started = self._start_chunks(self._orders.seq.reserve(len(chunks)), path, chunks, loss_fn)
         combined = self._transport.spawn(self._combined(started))
-        await self._submitted(started)
+        await self._orders.submitted(started)
         return APIFuture(asyncio.get_running_loop(), combined)
 
     # ----------------------------------------------------------------------------------------- training
@@ -326,13 +187,13 @@ class TrainingClient(QueueStateObserver):
         data = list(data)
         check_data(data)
         chunks = chunk_data(data, custom_count)
-        first = self._seq.reserve(2 * len(chunks))
+        first = self._orders.seq.reserve(2 * len(chunks))
         forward = self._start_chunks(first, "forward", chunks, "cross_entropy")
         forward_result = self._transport.spawn(self._combined(forward))
         result = self._transport.spawn(
             self._custom_backward(forward_result, data, chunks, first + len(chunks), loss_fn)
         )
-        await self._submitted(forward)
+        await self._orders.submitted(forward)
         return APIFuture(asyncio.get_running_loop(), result)
 
     forward_backward_custom = submit(forward_backward_custom_async)
@@ -349,7 +210,7 @@ class TrainingClient(QueueStateObserver):
             outputs = await forward
             linear, metrics = linearize(data, outputs, loss_fn)
         except BaseException:
-            self._abandon(first, len(chunks))
+            self._orders.abandon(first, len(chunks))
             raise
         # the same chunk boundaries as the forward pass, so the reserved ids fit
         backward_chunks, at = [], 0
@@ -365,7 +226,7 @@ class TrainingClient(QueueStateObserver):
     async def optim_step_async(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
         """Apply the gradients accumulated since the last step with AdamW (``adam_params``)."""
         body = OptimStepRequest(adam_params=adam_params, model_id=self.model_id)
-        return await self._op("optim_step", body, OptimStepResponse, "OptimStep")
+        return await self._orders.op("optim_step", body, OptimStepResponse, "OptimStep")
 
     optim_step = submit(optim_step_async)
 
@@ -375,7 +236,7 @@ class TrainingClient(QueueStateObserver):
     async def save_state_async(self, name: str) -> APIFuture[SaveWeightsResponse]:
         """Save the training state (weights and optimizer) as checkpoint ``name``; the result has its path."""
         body = SaveWeightsRequest(model_id=self.model_id, path=name)
-        return await self._op("save_weights", body, SaveWeightsResponse, "SaveWeights")
+        return await self._orders.op("save_weights", body, SaveWeightsResponse, "SaveWeights")
 
     save_state = submit(save_state_async)
 
@@ -387,7 +248,7 @@ class TrainingClient(QueueStateObserver):
         in its capabilities); otherwise the server decides, as with the official client.
         """
         body = LoadWeightsRequest(model_id=self.model_id, path=path, optimizer=False)
-        return await self._op("load_weights", body, LoadWeightsResponse, "LoadWeights")
+        return await self._orders.op("load_weights", body, LoadWeightsResponse, "LoadWeights")
 
     load_state = submit(load_state_async)
 
@@ -395,7 +256,7 @@ class TrainingClient(QueueStateObserver):
     async def load_state_with_optimizer_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
         """Load checkpoint ``path`` with its optimizer state, to resume training where it stopped."""
         body = LoadWeightsRequest(model_id=self.model_id, path=path, optimizer=True)
-        return await self._op("load_weights", body, LoadWeightsResponse, "LoadWeights")
+        return await self._orders.op("load_weights", body, LoadWeightsResponse, "LoadWeights")
 
     load_state_with_optimizer = submit(load_state_with_optimizer_async)
 
@@ -403,7 +264,7 @@ class TrainingClient(QueueStateObserver):
     async def save_weights_for_sampler_async(self, name: str) -> APIFuture[SaveWeightsForSamplerResponse]:
         """Save sampler weights as checkpoint ``name``; sample from the returned path."""
         body = SaveWeightsRequest(model_id=self.model_id, path=name)
-        return await self._op(
+        return await self._orders.op(
             "save_weights_for_sampler", body, SaveWeightsForSamplerResponse, "SaveWeightsForSampler"
         )
 
@@ -442,8 +303,8 @@ class TrainingClient(QueueStateObserver):
     @on_client_loop
     async def get_info_async(self) -> GetInfoResponse:
         """The run's model: id, base model name, LoRA rank (in order with the training requests)."""
-        n = self._seq.reserve(1)
-        return await self._send(n, "get_info", ModelIdRequest(model_id=self.model_id), GetInfoResponse)
+        n = self._orders.seq.reserve(1)
+        return await self._orders.send(n, "get_info", ModelIdRequest(model_id=self.model_id), GetInfoResponse)
 
     get_info = blocking(get_info_async)
 
@@ -492,7 +353,7 @@ class TrainingClient(QueueStateObserver):
     @on_client_loop
     async def unload_model_async(self) -> APIFuture[UnloadModelResponse]:
         """End this run on the server and free its resources (checkpoints stay)."""
-        return await self._op(
+        return await self._orders.op(
             "unload_model", ModelIdRequest(model_id=self.model_id), UnloadModelResponse, "UnloadModel"
         )
 
@@ -506,10 +367,10 @@ class TrainingClient(QueueStateObserver):
         # transport of its own on a helper loop, so that ``.result()`` completes as with the official SDK.
         # Otherwise the scheduled form above keeps the order of what is still under way.
         loop = self._binding.loop
-        if loop is not None and on_own_thread(loop) and self._seq.idle:
+        if loop is not None and on_own_thread(loop) and self._orders.seq.idle:
             # the helper's request takes this client's next place in the run's sequence: keep it taken
             # (unless the sequence's start is still to be read from the server, which will count it)
-            n = self._seq.reserve() if self._first_seq_id is not None else None
+            n = self._orders.seq.reserve() if self._orders.first_seq_id is not None else None
             done: concurrent.futures.Future[UnloadModelResponse] = concurrent.futures.Future()
             try:
                 done.set_result(_unload_detached(self))
@@ -517,7 +378,7 @@ class TrainingClient(QueueStateObserver):
                 done.set_exception(exc)
             finally:
                 if n is not None:
-                    self._seq.abandon(n)
+                    self._orders.seq.abandon(n)
             return APIFuture(loop, done)
         return self._unload_model()
 
@@ -543,18 +404,3 @@ def _unload_detached(tc: TrainingClient) -> UnloadModelResponse:
         return helper.run(unload())
     finally:
         helper.stop()
-
-
-class _Started(Generic[T]):
-    """A request under way: the task sending it and the task waiting for its result."""
-
-    __slots__ = ("outcome", "submission")
-
-    def __init__(self, submission: asyncio.Task[UntypedAPIFuture], outcome: asyncio.Task[T]) -> None:
-        self.submission = submission
-        self.outcome = outcome
-
-
-def _ignore_outcome(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: a failed filler changes nothing for the caller

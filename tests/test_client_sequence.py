@@ -134,7 +134,7 @@ def test_a_token_id_that_cannot_be_sent_is_refused_before_a_number_is_taken(null
             )
             with pytest.raises(ConfigurationError, match=r"data\[0\]\.model_input\.chunks\[0\]\.tokens"):
                 await tc.forward_backward_async([bad])
-            assert tc._seq.reserved == 0
+            assert tc._orders.seq.reserved == 0
             started = time.monotonic()
             await _train(tc, 1)
             assert time.monotonic() - started < 5
@@ -188,7 +188,7 @@ def test_far_more_requests_than_the_window_all_run_in_order(null_server: HasURL)
     async def main() -> None:
         async with client(null_server) as service:
             tc = await service.create_lora_training_client_async(NULL_MODEL)
-            tc._seq.window = 16  # a small window, so that it is crossed many times over
+            tc._orders.seq.window = 16  # a small window, so that it is crossed many times over
             futures = [await tc.optim_step_async(ADAM) for _ in range(100)]
             results = await asyncio.gather(*futures)
             assert [r.metrics["step:max"] for r in results] == list(range(1, 101))

@@ -1,0 +1,200 @@
+"""One run's requests in call order: numbers, seq_ids or turns, sending, release of unsent numbers, results.
+
+A TrainingClient makes each request through ``RunRequests``: ``seq.reserve`` takes its number at call time
+(``_sequence``), ``start`` sends it (with its seq_id at once, or on its turn) and polls for its result, and
+whatever stops a reserved request from being sent gives its number back at once (``release``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeAlias, TypeVar
+
+import msgspec
+
+from ._errors import NotFoundError
+from ._futures import APIFuture, QueueState
+from ._http import Transport
+from ._sequence import Sequencer
+from .types import (
+    ForwardBackwardRequest,
+    ForwardRequest,
+    GetInfoResponse,
+    LoadWeightsRequest,
+    ModelIdRequest,
+    OptimStepRequest,
+    SaveWeightsRequest,
+    UntypedAPIFuture,
+)
+
+__all__ = ("Body", "RunRequests", "Started")
+
+T = TypeVar("T")
+
+# The extension flag that makes load_weights restore (or not) the optimizer state (PROTOCOL.md §8.7).
+_OPTIMIZER_FEATURE = "load_optimizer"
+
+Body: TypeAlias = (
+    ForwardRequest
+    | ForwardBackwardRequest
+    | OptimStepRequest
+    | ModelIdRequest
+    | SaveWeightsRequest
+    | LoadWeightsRequest
+)
+
+
+class RunRequests:
+    """The requests of one TrainingClient to its run, in call order."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        model_id: str,
+        *,
+        first_seq_id: int | None,
+        on_queue_state: Callable[[str | QueueState], None],
+    ) -> None:
+        self.transport = transport
+        self.model_id = model_id
+        self._index = transport.training_client_index()
+        self.seq = Sequencer()
+        # seq_id of request 0: 1 for a run this client created; None for a run it attached to, whose
+        # sequence goes on from get_info's next_seq_id (read once, before the first request)
+        self.first_seq_id = first_seq_id
+        self._first_seq_task: asyncio.Task[int] | None = None
+        self._on_queue_state = on_queue_state
+
+    def key(self, n: int) -> str:
+        return f"{self.transport.session_id}:{self._index}:{n}"
+
+    async def first_seq(self) -> int:
+        """The seq_id of request 0: the run's ``next_seq_id`` when attached to an existing run."""
+        if self.first_seq_id is not None:
+            return self.first_seq_id
+        task = self._first_seq_task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._first_seq_task = asyncio.get_running_loop().create_task(self._read_next_seq())
+        first = await asyncio.shield(task)
+        self.first_seq_id = first
+        return first
+
+    async def _read_next_seq(self) -> int:
+        body = ModelIdRequest(model_id=self.model_id)  # no seq_id: asks where the run's sequence is
+        info = await self.transport.request("POST", "get_info", GetInfoResponse, body=body)
+        return info.next_seq_id if info.next_seq_id is not None else 1
+
+    def abandon(self, first: int, count: int) -> None:
+        """Reserved numbers whose requests will never be sent: give them back at once (``release``)."""
+        for n in range(first, first + count):
+            self.release(n)
+
+    def release(self, n: int) -> None:
+        """Number ``n`` will not be sent: the client goes on, and a seq_id server skips it at once.
+
+        The server is told with ``POST release_seq`` (contract of the "seq_id" extension); a server without
+        that route gets a ``get_info`` carrying the seq_id, a no-op that takes its turn.
+        """
+        self.seq.abandon(n)
+        first = self.first_seq_id
+        if not self.transport.seq_mode or first is None or self.transport.closed:
+            return
+        try:
+            filler = self.transport.spawn(self._release_seq(first + n))
+        except RuntimeError:  # no running loop (the client's loop is gone): nothing to tell
+            return
+        filler.add_done_callback(_ignore_outcome)
+
+    async def _release_seq(self, seq_id: int) -> None:
+        try:
+            await self.transport.call(
+                "POST", "release_seq", body={"model_id": self.model_id, "seq_id": seq_id}
+            )
+        except NotFoundError:  # a server from before release_seq: fill the hole with a no-op in its turn
+            body = ModelIdRequest(model_id=self.model_id, seq_id=seq_id)
+            await self.transport.request("POST", "get_info", GetInfoResponse, body=body)
+
+    async def send(self, n: int, path: str, body: Body, result: type[T]) -> T:
+        """POST request ``n``: with its seq_id at once (within the window), or on its turn.
+
+        Whatever stops it from being sent -- an error while preparing or encoding it, a final error answer,
+        cancellation -- releases its number at once, so the requests after it never wait for it.
+        """
+        seq_mode = False
+        try:
+            features = await self.transport.features()
+            if isinstance(body, LoadWeightsRequest) and _OPTIMIZER_FEATURE not in features:
+                body.optimizer = msgspec.UNSET  # the official protocol has no such field
+            headers = self.transport.submit_headers if result is UntypedAPIFuture else None
+            seq_mode = "seq_id" in features
+            if seq_mode:
+                body.seq_id = await self.first_seq() + n
+                await self.seq.wait_window(n)
+            else:
+                await self.seq.wait_turn(n)
+            answer = await self.transport.request(
+                "POST", path, result, body=body, key=self.key(n), headers=headers, batch=seq_mode
+            )
+        except BaseException:
+            self.release(n)
+            raise
+        if not seq_mode:
+            self.seq.end_turn(n)
+        if result is not UntypedAPIFuture:  # the answer is the result (get_info): nothing to poll
+            self.seq.finish(n)
+        return answer
+
+    def start(self, n: int, path: str, body: Body, result: type[T], request_type: str) -> Started[T]:
+        """Start sending request ``n`` and, once it is acknowledged, polling for its result."""
+        submission = self.transport.spawn(self.send(n, path, body, UntypedAPIFuture), name=f"{path} #{n}")
+        outcome = self.transport.spawn(self._outcome(n, submission, result, request_type, time.monotonic()))
+        return Started(submission, outcome)
+
+    async def _outcome(
+        self,
+        n: int,
+        submission: asyncio.Task[UntypedAPIFuture],
+        result: type[T],
+        request_type: str,
+        started: float,
+    ) -> T:
+        try:
+            future = await asyncio.shield(submission)  # cancelling the result never cancels the submission
+            return await self.transport.poll(
+                future.request_id,
+                result,
+                request_type=request_type,
+                model_id=future.model_id or self.model_id,
+                roundtrip=time.monotonic() - started,
+                inline=future.result,
+                on_queue_state=self._on_queue_state,
+            )
+        finally:
+            self.seq.finish(n)  # its result is known (or never will be): the window moves on
+
+    async def submitted(self, started: Sequence[Started[Any]]) -> None:
+        """Turn mode: wait until these POSTs were answered. seq_id mode: they are on their way already."""
+        if started and not self.transport.seq_mode:
+            await asyncio.wait([s.submission for s in started])
+
+    async def op(self, path: str, body: Body, result: type[T], request_type: str) -> APIFuture[T]:
+        started = self.start(self.seq.reserve(1), path, body, result, request_type)
+        await self.submitted([started])
+        return APIFuture(asyncio.get_running_loop(), started.outcome)
+
+
+class Started(Generic[T]):
+    """A request under way: the task sending it and the task waiting for its result."""
+
+    __slots__ = ("outcome", "submission")
+
+    def __init__(self, submission: asyncio.Task[UntypedAPIFuture], outcome: asyncio.Task[T]) -> None:
+        self.submission = submission
+        self.outcome = outcome
+
+
+def _ignore_outcome(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed filler changes nothing for the caller
