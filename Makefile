@@ -28,7 +28,8 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 # the official SDK's own venv (.official/, cached) is built before pytest: a cold build outlasts a test's timeout
-test: $(STAMP) lint
+# with the examples extra, so the PNG test runs too (without matplotlib it would be skipped)
+test: $(STAMP) $(VENV)/.examples lint
 	$(PY) -m tests.official_env
 	$(PY) -m pytest -q
 
