@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar
 
 import msgspec
 
+from . import _wire
 from ._chunks import (
     MAX_CHUNK_LEN,
     MAX_CHUNK_NUMBER_COUNT,
@@ -52,6 +53,7 @@ from .types import (
     ForwardBackwardRequest,
     ForwardRequest,
     GetInfoResponse,
+    GradAccNormalization,
     LoadWeightsRequest,
     LoadWeightsResponse,
     LossFnType,
@@ -244,8 +246,24 @@ class TrainingClient(QueueStateObserver):
         if started and not self._transport.seq_mode:
             await asyncio.wait([s.submission for s in started])
 
-    async def _op(self, path: str, body: _Body, result: type[T], request_type: str) -> APIFuture[T]:
-        started = self._start(self._seq.reserve(1), path, body, result, request_type)
+    async def _reserve(self, count: int, needs: Sequence[str], what: str) -> int:
+        """Reserve ``count`` numbers (now: call order is execution order), then check that the server has the
+        features ``needs``; if not, the numbers go back and ``UnsupportedFeatureError`` is raised (nothing
+        was sent)."""
+        first = self._seq.reserve(count)
+        try:
+            for feature in needs:
+                await self._transport.require(feature, what)
+        except BaseException:
+            self._abandon(first, count)
+            raise
+        return first
+
+    async def _op(
+        self, path: str, body: _Body, result: type[T], request_type: str, needs: Sequence[str] = ()
+    ) -> APIFuture[T]:
+        first = await self._reserve(1, needs, path) if needs else self._seq.reserve(1)
+        started = self._start(first, path, body, result, request_type)
         await self._submitted([started])
         return APIFuture(asyncio.get_running_loop(), started.outcome)
 
@@ -255,11 +273,13 @@ class TrainingClient(QueueStateObserver):
         path: Literal["forward", "forward_backward"],
         chunks: list[list[Datum]],
         loss_fn: LossFnType,
+        loss_fn_config: dict[str, float] | None = None,
     ) -> list[_Started[ForwardBackwardOutput]]:
         started = []
+        config = loss_fn_config if loss_fn_config else msgspec.UNSET
         for i, chunk in enumerate(chunks):
             body: _Body
-            fb_input = ForwardBackwardInput(data=chunk, loss_fn=loss_fn)
+            fb_input = ForwardBackwardInput(data=chunk, loss_fn=loss_fn, loss_fn_config=config)
             if path == "forward":
                 body = ForwardRequest(forward_input=fb_input, model_id=self.model_id)
                 started.append(self._start(first + i, path, body, ForwardBackwardOutput, "Forward"))
@@ -273,11 +293,17 @@ class TrainingClient(QueueStateObserver):
         return combine_outputs(await asyncio.gather(*(s.outcome for s in started)))
 
     async def _chunked(
-        self, path: Literal["forward", "forward_backward"], data: Sequence[Datum], loss_fn: LossFnType
+        self,
+        path: Literal["forward", "forward_backward"],
+        data: Sequence[Datum],
+        loss_fn: LossFnType,
+        loss_fn_config: dict[str, float] | None,
     ) -> APIFuture[ForwardBackwardOutput]:
         check_data(data)
         chunks = chunk_data(data)
-        started = self._start_chunks(self._seq.reserve(len(chunks)), path, chunks, loss_fn)
+        needs = _wire.loss_features(loss_fn, loss_fn_config)
+        first = await self._reserve(len(chunks), needs, path) if needs else self._seq.reserve(len(chunks))
+        started = self._start_chunks(first, path, chunks, loss_fn, loss_fn_config)
         combined = self._transport.spawn(self._combined(started))
         await self._submitted(started)
         return APIFuture(asyncio.get_running_loop(), combined)
@@ -286,27 +312,36 @@ class TrainingClient(QueueStateObserver):
 
     @on_client_loop
     async def forward_async(
-        self, data: Sequence[Datum], loss_fn: LossFnType = "cross_entropy"
+        self,
+        data: Sequence[Datum],
+        loss_fn: LossFnType = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
     ) -> APIFuture[ForwardBackwardOutput]:
         """A forward pass without gradients: per-datum ``logprobs`` (and ``elementwise_loss``) and metrics.
 
         Large batches go as several ordered requests (128 datums / 500 000 numbers each); the results are
-        combined into one ForwardBackwardOutput.
+        combined into one ForwardBackwardOutput. ``loss_fn_config`` (upstream Tinker) sets the loss's
+        constants, e.g. ``{"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}`` for ppo and cispo,
+        ``{"beta": 0.05}`` for dro; it and the losses beyond hpcai's three need the local server (features
+        ``loss_fn_config``, ``loss:<name>``: UnsupportedFeatureError before anything is sent otherwise).
         """
-        return await self._chunked("forward", data, loss_fn)
+        return await self._chunked("forward", data, loss_fn, loss_fn_config)
 
     forward = submit(forward_async)
 
     @on_client_loop
     async def forward_backward_async(
-        self, data: Sequence[Datum], loss_fn: LossFnType = "cross_entropy"
+        self,
+        data: Sequence[Datum],
+        loss_fn: LossFnType = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
     ) -> APIFuture[ForwardBackwardOutput]:
         """A forward and backward pass; gradients add up on the server until the next ``optim_step``.
 
         Large batches go as several ordered requests (128 datums / 500 000 numbers each); the results are
-        combined into one ForwardBackwardOutput.
+        combined into one ForwardBackwardOutput. ``loss_fn_config``: as for ``forward_async``.
         """
-        return await self._chunked("forward_backward", data, loss_fn)
+        return await self._chunked("forward_backward", data, loss_fn, loss_fn_config)
 
     forward_backward = submit(forward_backward_async)
 
@@ -361,10 +396,27 @@ class TrainingClient(QueueStateObserver):
         return result
 
     @on_client_loop
-    async def optim_step_async(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
-        """Apply the gradients accumulated since the last step with AdamW (``adam_params``)."""
+    async def optim_step_async(
+        self,
+        adam_params: AdamParams,
+        grad_accumulation_normalization: GradAccNormalization | str | None = None,
+    ) -> APIFuture[OptimStepResponse]:
+        """Apply the gradients accumulated since the last step with AdamW (``adam_params``).
+
+        ``grad_accumulation_normalization`` (Fireworks; ``GradAccNormalization`` or its value) divides the
+        gradient summed over the forward_backward calls since the last step first: ``"num_loss_tokens"``
+        by their loss tokens (non-zero weights, or advantages for the policy losses), ``"num_sequences"`` by
+        their datums with a loss token. ``None`` or ``"none"`` sends the plain sum, as the official SDK does
+        (Fireworks' own default is ``"num_loss_tokens"``); the others need the local server's feature
+        ``grad_acc_normalization``.
+        """
+        mode = GradAccNormalization(grad_accumulation_normalization or "none")
         body = OptimStepRequest(adam_params=adam_params, model_id=self.model_id)
-        return await self._op("optim_step", body, OptimStepResponse, "OptimStep")
+        needs: tuple[str, ...] = ()
+        if mode is not GradAccNormalization.NONE:
+            body.grad_accumulation_normalization = mode
+            needs = ("grad_acc_normalization",)
+        return await self._op("optim_step", body, OptimStepResponse, "OptimStep", needs)
 
     optim_step = submit(optim_step_async)
 
