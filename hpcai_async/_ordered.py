@@ -179,8 +179,23 @@ class RunRequests:
         if started and not self.transport.seq_mode:
             await asyncio.wait([s.submission for s in started])
 
-    async def op(self, path: str, body: Body, result: type[T], request_type: str) -> APIFuture[T]:
-        started = self.start(self.seq.reserve(1), path, body, result, request_type)
+    async def reserve(self, count: int, needs: Sequence[str] = (), what: str = "") -> int:
+        """Take ``count`` numbers now (call order is execution order); then check that the server has the
+        features ``needs`` (for ``what``): if not, the numbers go back and ``UnsupportedFeatureError`` is
+        raised, nothing sent."""
+        first = self.seq.reserve(count)
+        try:
+            for feature in needs:
+                await self.transport.require(feature, what)
+        except BaseException:
+            self.abandon(first, count)
+            raise
+        return first
+
+    async def op(
+        self, path: str, body: Body, result: type[T], request_type: str, needs: Sequence[str] = ()
+    ) -> APIFuture[T]:
+        started = self.start(await self.reserve(1, needs, path), path, body, result, request_type)
         await self.submitted([started])
         return APIFuture(asyncio.get_running_loop(), started.outcome)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -112,6 +112,16 @@ def decoder(tp: Any, msgpack: bool) -> msgspec.json.Decoder[Any] | msgspec.msgpa
     if dec is None:
         dec = _DECODERS[tp, msgpack] = msgspec.msgpack.Decoder(tp) if msgpack else msgspec.json.Decoder(tp)
     return dec
+
+
+HOSTED_LOSSES: Final = ("cross_entropy", "importance_sampling", "ppo")  # PROTOCOL.md §5.3
+
+
+def loss_features(loss_fn: str, loss_fn_config: Mapping[str, float] | None) -> tuple[str, ...]:
+    """The server features a forward pass with ``loss_fn`` and ``loss_fn_config`` needs: ``loss:<name>``
+    for a loss beyond the hosted service's three, ``loss_fn_config`` for a non-empty config."""
+    needs = () if loss_fn in HOSTED_LOSSES else (f"loss:{loss_fn}",)
+    return (*needs, "loss_fn_config") if loss_fn_config else needs
 
 
 def shorten(value: object, limit: int = 200) -> str:

@@ -23,6 +23,9 @@ import concurrent.futures
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, TypeVar
 
+import msgspec
+
+from . import _wire
 from ._chunks import (
     MAX_CHUNK_LEN,
     MAX_CHUNK_NUMBER_COUNT,
@@ -50,6 +53,7 @@ from .types import (
     ForwardBackwardRequest,
     ForwardRequest,
     GetInfoResponse,
+    GradAccNormalization,
     LoadWeightsRequest,
     LoadWeightsResponse,
     LossFnType,
@@ -117,10 +121,12 @@ class TrainingClient(QueueStateObserver):
         path: Literal["forward", "forward_backward"],
         chunks: list[list[Datum]],
         loss_fn: LossFnType,
+        loss_fn_config: dict[str, float] | None = None,
     ) -> list[Started[ForwardBackwardOutput]]:
+        config = loss_fn_config if loss_fn_config else msgspec.UNSET
         started = []
         for i, chunk in enumerate(chunks):
-            fb_input = ForwardBackwardInput(data=chunk, loss_fn=loss_fn)
+            fb_input = ForwardBackwardInput(data=chunk, loss_fn=loss_fn, loss_fn_config=config)
             body: Body = (
                 ForwardRequest(forward_input=fb_input, model_id=self.model_id)
                 if path == "forward"
@@ -135,11 +141,17 @@ class TrainingClient(QueueStateObserver):
         return combine_outputs(await asyncio.gather(*(s.outcome for s in started)))
 
     async def _chunked(
-        self, path: Literal["forward", "forward_backward"], data: Sequence[Datum], loss_fn: LossFnType
+        self,
+        path: Literal["forward", "forward_backward"],
+        data: Sequence[Datum],
+        loss_fn: LossFnType,
+        loss_fn_config: dict[str, float] | None = None,
     ) -> APIFuture[ForwardBackwardOutput]:
         check_data(data)
         chunks = chunk_data(data)
-        started = self._start_chunks(self._orders.seq.reserve(len(chunks)), path, chunks, loss_fn)
+        needs = _wire.loss_features(loss_fn, loss_fn_config)
+        first = await self._orders.reserve(len(chunks), needs, path)
+        started = self._start_chunks(first, path, chunks, loss_fn, loss_fn_config)
         combined = self._transport.spawn(self._combined(started))
         await self._orders.submitted(started)
         return APIFuture(asyncio.get_running_loop(), combined)
@@ -148,27 +160,36 @@ class TrainingClient(QueueStateObserver):
 
     @on_client_loop
     async def forward_async(
-        self, data: Sequence[Datum], loss_fn: LossFnType = "cross_entropy"
+        self,
+        data: Sequence[Datum],
+        loss_fn: LossFnType = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
     ) -> APIFuture[ForwardBackwardOutput]:
         """A forward pass without gradients: per-datum ``logprobs`` (and ``elementwise_loss``) and metrics.
 
         Large batches go as several ordered requests (128 datums / 500 000 numbers each); the results are
-        combined into one ForwardBackwardOutput.
+        combined into one ForwardBackwardOutput. ``loss_fn_config`` (upstream Tinker) sets the loss's
+        constants, e.g. ``{"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}`` for ppo and cispo,
+        ``{"beta": 0.05}`` for dro; it and the losses beyond hpcai's three need the local server (features
+        ``loss_fn_config``, ``loss:<name>``: UnsupportedFeatureError before anything is sent otherwise).
         """
-        return await self._chunked("forward", data, loss_fn)
+        return await self._chunked("forward", data, loss_fn, loss_fn_config)
 
     forward = submit(forward_async)
 
     @on_client_loop
     async def forward_backward_async(
-        self, data: Sequence[Datum], loss_fn: LossFnType = "cross_entropy"
+        self,
+        data: Sequence[Datum],
+        loss_fn: LossFnType = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
     ) -> APIFuture[ForwardBackwardOutput]:
         """A forward and backward pass; gradients add up on the server until the next ``optim_step``.
 
         Large batches go as several ordered requests (128 datums / 500 000 numbers each); the results are
-        combined into one ForwardBackwardOutput.
+        combined into one ForwardBackwardOutput. ``loss_fn_config``: as for ``forward_async``.
         """
-        return await self._chunked("forward_backward", data, loss_fn)
+        return await self._chunked("forward_backward", data, loss_fn, loss_fn_config)
 
     forward_backward = submit(forward_backward_async)
 
@@ -223,10 +244,27 @@ class TrainingClient(QueueStateObserver):
         return result
 
     @on_client_loop
-    async def optim_step_async(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
-        """Apply the gradients accumulated since the last step with AdamW (``adam_params``)."""
+    async def optim_step_async(
+        self,
+        adam_params: AdamParams,
+        grad_accumulation_normalization: GradAccNormalization | str | None = None,
+    ) -> APIFuture[OptimStepResponse]:
+        """Apply the gradients accumulated since the last step with AdamW (``adam_params``).
+
+        ``grad_accumulation_normalization`` (Fireworks; ``GradAccNormalization`` or its value) divides the
+        gradient summed over the forward_backward calls since the last step first: ``"num_loss_tokens"``
+        by their loss tokens (non-zero weights, or advantages for the policy losses), ``"num_sequences"`` by
+        their datums with a loss token. ``None`` or ``"none"`` sends the plain sum, as the official SDK does
+        (Fireworks' own default is ``"num_loss_tokens"``); the others need the local server's feature
+        ``grad_acc_normalization``.
+        """
+        mode = GradAccNormalization(grad_accumulation_normalization or "none")
         body = OptimStepRequest(adam_params=adam_params, model_id=self.model_id)
-        return await self._orders.op("optim_step", body, OptimStepResponse, "OptimStep")
+        needs: tuple[str, ...] = ()
+        if mode is not GradAccNormalization.NONE:
+            body.grad_accumulation_normalization = mode
+            needs = ("grad_acc_normalization",)
+        return await self._orders.op("optim_step", body, OptimStepResponse, "OptimStep", needs)
 
     optim_step = submit(optim_step_async)
 

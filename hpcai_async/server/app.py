@@ -42,6 +42,10 @@ FEATURES = [
     "load_optimizer",
     "inline_result",
     "batch",
+    "grad_acc_normalization",
+    "loss_fn_config",
+    "loss:cispo",
+    "loss:dro",
 ]
 # What each dialect advertises: "local" is ours (every extension); "hosted" advertises what the hosted HPC-AI
 # service does (none), so a client talks to it exactly as to the hosted service (benchmarks, compatibility).

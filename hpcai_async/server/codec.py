@@ -60,6 +60,7 @@ def _friendly(exc: msgspec.ValidationError) -> str:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "loss_fn": get_args(types.LossFnType),
     "dtype": get_args(types.TensorDtype),
+    "grad_accumulation_normalization": tuple(m.value for m in types.GradAccNormalization),
     "type": tuple(c.__struct_config__.tag for c in get_args(types.ModelInputChunk)),
 }
 

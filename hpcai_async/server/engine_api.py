@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -30,7 +30,7 @@ from msgspec import UnsetType
 
 from .. import _tensor, types
 from .._errors import BadRequestError
-from .engine.losses import LOSSES
+from .engine.losses import LOSSES, Loss
 from .models import ModelSpec
 
 __all__ = (
@@ -45,6 +45,7 @@ __all__ = (
     "check_batch",
     "check_lora",
     "check_lora_match",
+    "check_loss_config",
     "check_sample",
     "non_finite",
 )
@@ -80,10 +81,12 @@ class SampleJob:
 @dataclass(frozen=True, slots=True)
 class Batch:
     """A checked forward/forward_backward batch: per datum, ``input_ids`` and each loss input as 1-D arrays
-    (int64 token ids, float32 values, finite), all of one datum the same length."""
+    (int64 token ids, float32 values, finite), all of one datum the same length; ``config`` is every
+    setting of the loss (the request's ``loss_fn_config`` over the loss's defaults)."""
 
     loss_fn: str
     fields: dict[str, list[npt.NDArray[Any]]] = field(default_factory=dict)
+    config: Mapping[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.fields["input_ids"])
@@ -91,13 +94,15 @@ class Batch:
 
 @dataclass(frozen=True, slots=True)
 class AdamStep:
-    """Checked AdamW settings (``grad_clip_norm`` 0: no clipping)."""
+    """Checked AdamW settings (``grad_clip_norm`` 0: no clipping) and the grad_accumulation_normalization
+    (a ``types.GradAccNormalization`` value: what the accumulated gradient is divided by first)."""
 
     learning_rate: float
     betas: tuple[float, float]
     eps: float
     weight_decay: float
     grad_clip_norm: float
+    normalization: str = "none"
 
 
 class EngineAPI(Protocol):
@@ -113,7 +118,13 @@ class EngineAPI(Protocol):
     def spec(self, base_model: str) -> ModelSpec: ...
     def has_run(self, run_id: str) -> bool: ...
 
-    def validate_batch(self, run_id: str, data: Sequence[types.Datum], loss_fn: str) -> Batch: ...
+    def validate_batch(
+        self,
+        run_id: str,
+        data: Sequence[types.Datum],
+        loss_fn: str,
+        config: Mapping[str, float] | None = None,
+    ) -> Batch: ...
     def validate_sample(self, job: SampleJob) -> SampleJob: ...
 
     def create_run(self, run_id: str, base_model: str, lora: types.LoraConfig) -> None: ...
@@ -206,12 +217,20 @@ def _in_vocab(arr: npt.NDArray[np.int64], what: str, vocab_size: int) -> npt.NDA
 
 
 def check_batch(
-    data: Sequence[types.Datum], loss_fn: str, *, vocab_size: int, max_context: int, where: str = "data"
+    data: Sequence[types.Datum],
+    loss_fn: str,
+    *,
+    vocab_size: int,
+    max_context: int,
+    where: str = "data",
+    config: Mapping[str, float] | None = None,
 ) -> Batch:
-    """A forward/forward_backward batch, checked and converted; BadRequestError naming the first bad field."""
+    """A forward/forward_backward batch (and its ``loss_fn_config``), checked and converted; BadRequestError
+    naming the first bad field."""
     loss = LOSSES.get(loss_fn)
     if loss is None:
         raise BadRequestError(f"loss_fn: {_quote(loss_fn)} is not supported; use one of {', '.join(LOSSES)}")
+    settings = check_loss_config(loss, config)
     if not data:
         raise BadRequestError(f"{where}: the batch is empty; send at least one Datum")
     fields: dict[str, list[npt.NDArray[Any]]] = {"input_ids": [], **{k: [] for k in loss.inputs}}
@@ -228,7 +247,32 @@ def check_batch(
         fields["input_ids"].append(ids)
         for key, arr in _loss_inputs(datum.loss_fn_inputs, loss_fn, n, at, vocab_size).items():
             fields[key].append(arr)
-    return Batch(loss_fn, fields)
+    return Batch(loss_fn, fields, settings)
+
+
+def check_loss_config(loss: Loss, config: Mapping[str, float] | None) -> dict[str, float]:
+    """``config`` over ``loss``'s defaults: only its keys, finite numbers, clip low <= high, beta >= 0."""
+    given = dict(config or {})
+    allowed = ", ".join(loss.config) or "none: it takes no loss_fn_config"
+    unknown = [k for k in given if k not in loss.config]
+    if unknown:
+        raise BadRequestError(
+            f"loss_fn_config: unknown key(s) {', '.join(map(_quote, unknown[:5]))} for {loss.name}; "
+            f"allowed keys: {allowed}"
+        )
+    for key, value in given.items():
+        if not _num(value):
+            raise BadRequestError(f"loss_fn_config.{key}: must be a finite number, got {_quote(value)}")
+    settings = {**loss.config, **{k: float(v) for k, v in given.items()}}
+    low, high = settings.get("clip_low_threshold", 0.0), settings.get("clip_high_threshold", math.inf)
+    if low > high:
+        raise BadRequestError(
+            f"loss_fn_config: clip_low_threshold {low:g} is above clip_high_threshold {high:g}; they are "
+            f"absolute ratio bounds (the {loss.name} defaults: {_quote(dict(loss.config))})"
+        )
+    if settings.get("beta", 0.0) < 0:
+        raise BadRequestError(f"loss_fn_config.beta: must be >= 0, got {settings['beta']:g}")
+    return settings
 
 
 def _loss_inputs(
@@ -360,10 +404,17 @@ def check_lora_match(have: types.LoraConfig, want: types.LoraConfig, what: str) 
         )
 
 
-def check_adam(adam: types.AdamParams | AdamStep) -> AdamStep:
-    """An optim_step's adam_params, checked; BadRequestError naming the parameter."""
+def check_adam(adam: types.AdamParams | AdamStep, normalization: Any = "none") -> AdamStep:
+    """An optim_step's adam_params (and grad_accumulation_normalization), checked; BadRequestError naming
+    the parameter."""
     if isinstance(adam, AdamStep):
         return adam
+    modes = [m.value for m in types.GradAccNormalization]
+    mode = normalization.value if isinstance(normalization, types.GradAccNormalization) else normalization
+    if mode not in modes:
+        raise BadRequestError(
+            f"grad_accumulation_normalization: must be one of {', '.join(modes)}, got {_quote(mode)}"
+        )
     wd = 0.0 if isinstance(adam.weight_decay, UnsetType) else adam.weight_decay
     clip = 0.0 if isinstance(adam.grad_clip_norm, UnsetType) else adam.grad_clip_norm
     lr, b1, b2, eps = adam.learning_rate, adam.beta1, adam.beta2, adam.eps
@@ -378,7 +429,7 @@ def check_adam(adam: types.AdamParams | AdamStep) -> AdamStep:
     for name, value, rule, ok in rules:
         if not ok:
             raise BadRequestError(f"adam_params.{name}: must be a finite number {rule}, got {_quote(value)}")
-    return AdamStep(float(lr), (float(b1), float(b2)), float(eps), float(wd), float(clip))
+    return AdamStep(float(lr), (float(b1), float(b2)), float(eps), float(wd), float(clip), mode)
 
 
 def _num(value: Any) -> bool:

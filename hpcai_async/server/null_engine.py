@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,8 +90,16 @@ class NullEngine:
 
     # -------------------------------------------------------------------------------------------- training
 
-    def validate_batch(self, run_id: str, data: Sequence[types.Datum], loss_fn: str) -> Batch:
-        return check_batch(data, loss_fn, vocab_size=_SPEC.vocab_size, max_context=_SPEC.max_context)
+    def validate_batch(
+        self,
+        run_id: str,
+        data: Sequence[types.Datum],
+        loss_fn: str,
+        config: Mapping[str, float] | None = None,
+    ) -> Batch:
+        return check_batch(
+            data, loss_fn, vocab_size=_SPEC.vocab_size, max_context=_SPEC.max_context, config=config
+        )
 
     def create_run(self, run_id: str, base_model: str, lora: types.LoraConfig) -> None:
         self.spec(base_model)

@@ -274,15 +274,18 @@ class Service:
 
         def prepare(req: Any, model: ModelState) -> Callable[[], Any]:
             batch: types.ForwardBackwardInput = getattr(req, field)
-            # A model still being created is not in the engine yet; its requests are checked when they run.
-            checked: Any = batch.data
-            if engine.has_run(model.model_id):
+            config = None if batch.loss_fn_config is msgspec.UNSET else batch.loss_fn_config
+
+            def check() -> Any:
                 try:
-                    checked = engine.validate_batch(model.model_id, batch.data, batch.loss_fn)
+                    return engine.validate_batch(model.model_id, batch.data, batch.loss_fn, config)
                 except (APIError, ValueError, TypeError) as exc:
                     raise _field_error(field, exc) from None
+
+            # A model still being created is not in the engine yet; its requests are checked when they run.
+            checked = check() if engine.has_run(model.model_id) else None
             run = engine.forward_backward if backward else engine.forward
-            return lambda: run(model.model_id, checked, batch.loss_fn)
+            return lambda: run(model.model_id, checked if checked is not None else check(), batch.loss_fn)
 
         return prepare
 
@@ -296,7 +299,8 @@ class Service:
         engine = self.engine
 
         def prepare(req: types.OptimStepRequest, model: ModelState) -> Callable[[], Any]:
-            p = check_adam(req.adam_params)
+            mode = req.grad_accumulation_normalization
+            p = check_adam(req.adam_params, "none" if mode is msgspec.UNSET else mode)
             return lambda: engine.optim_step(model.model_id, p)
 
         return self._ordered("optim_step", req, call, prepare)

@@ -11,6 +11,7 @@ SDK. The official SDK's ``hpcai.types.<submodule>`` paths exist too (``_paths``)
 from __future__ import annotations
 
 import datetime as _dt
+import enum
 from typing import Any, Literal, TypeAlias
 
 import msgspec
@@ -49,6 +50,7 @@ __all__ = (
     "GetInfoRequest",
     "GetInfoResponse",
     "GetServerCapabilitiesResponse",
+    "GradAccNormalization",
     "HealthResponse",
     "ImageAssetPointerChunk",
     "LoadWeightsRequest",
@@ -88,7 +90,8 @@ __all__ = (
 # Not listed: BatchItem, BatchRequest, BatchAnswer, BatchResponse -- the structs of our "batch" protocol
 # extension, used by the client's transport and the local server, not by programs.
 
-LossFnType: TypeAlias = Literal["cross_entropy", "importance_sampling", "ppo"]
+# hpcai's three, then upstream Tinker's cispo and dro (local server only: feature "loss:<name>")
+LossFnType: TypeAlias = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
 StopReason: TypeAlias = Literal["length", "stop"]
 CheckpointType: TypeAlias = Literal["training", "sampler"]
 ModelID: TypeAlias = str  # the official SDK's names for the ids
@@ -117,6 +120,17 @@ class AdamParams(Struct, kw_only=True):
     grad_clip_norm: float | UnsetType = UNSET
 
 
+class GradAccNormalization(enum.StrEnum):
+    """optim_step's ``grad_accumulation_normalization`` (Fireworks training SDK): what the gradient summed
+    over the forward_backward calls since the last step is divided by. ``NONE`` (the plain sum) is the
+    official SDK's behaviour and our default; the others need the server feature
+    ``grad_acc_normalization``."""
+
+    NUM_LOSS_TOKENS = "num_loss_tokens"  # the loss tokens (non-zero weights / advantages) of those calls
+    NUM_SEQUENCES = "num_sequences"  # their datums that have at least one loss token
+    NONE = "none"
+
+
 class SamplingParams(Struct, kw_only=True):
     max_tokens: int | None = None
     seed: int | None = None
@@ -132,6 +146,7 @@ class SamplingParams(Struct, kw_only=True):
 class ForwardBackwardInput(Struct, kw_only=True):
     data: list[Datum]
     loss_fn: LossFnType
+    loss_fn_config: dict[str, float] | UnsetType = UNSET  # upstream Tinker; feature "loss_fn_config"
 
 
 class ForwardRequest(Struct, kw_only=True):
@@ -150,6 +165,7 @@ class OptimStepRequest(Struct, kw_only=True):
     adam_params: AdamParams
     model_id: str
     seq_id: int | UnsetType = UNSET
+    grad_accumulation_normalization: GradAccNormalization | UnsetType = UNSET  # "grad_acc_normalization"
 
 
 class ModelIdRequest(Struct, kw_only=True):

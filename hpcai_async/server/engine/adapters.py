@@ -88,6 +88,8 @@ class Run:
     steps: int = 0
     loss_sum: float = 0.0  # since the last optim_step, for recent_loss:mean
     weight_sum: float = 0.0
+    loss_tokens: int = 0  # since the last optim_step, for grad_accumulation_normalization
+    loss_sequences: int = 0
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,10 +108,18 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- validation
 
-    def validate_batch(self, run_id: str, data: Sequence[types.Datum], loss_fn: str) -> Batch:
+    def validate_batch(
+        self,
+        run_id: str,
+        data: Sequence[types.Datum],
+        loss_fn: str,
+        config: Mapping[str, float] | None = None,
+    ) -> Batch:
         """The batch checked and converted (BadRequestError naming the datum, the field and the fix)."""
         spec = self._run(run_id).base.loaded.spec
-        return check_batch(data, loss_fn, vocab_size=spec.vocab_size, max_context=spec.max_context)
+        return check_batch(
+            data, loss_fn, vocab_size=spec.vocab_size, max_context=spec.max_context, config=config
+        )
 
     def validate_sample(self, job: SampleJob) -> SampleJob:
         """The job checked, with its prompt ids (no model loading: cheap)."""
@@ -254,6 +262,7 @@ class Engine:
             _apply(run, weights, moments, opt_step)
             run.steps = int(meta.get("steps") or 0)
             run.loss_sum = run.weight_sum = 0.0
+            run.loss_tokens = run.loss_sequences = 0
 
     @staticmethod
     def _check_compatible(run: Run, meta: dict[str, Any]) -> None:

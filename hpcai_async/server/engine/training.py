@@ -4,7 +4,12 @@ Losses are sum-reduced over tokens and datums (PROTOCOL.md §5.3); ``elementwise
 of the loss (``losses``). ``loss:mean`` = Σ elementwise / the loss's denominator; 0.0 when it is 0.
 
 optim_step: parameters without a gradient (no forward_backward since the last step) count as zero gradients,
-so every call is one AdamW step and ``step:max`` counts calls. ``grad_clip_norm > 0`` clips the global norm.
+so every call is one AdamW step (decoupled ``weight_decay``, as ``torch.optim.AdamW``) and ``step:max``
+counts calls. The gradient summed over the forward_backward calls since the last step is first divided as
+its ``grad_accumulation_normalization`` says (Fireworks' GradAccNormalization): ``num_loss_tokens`` by the
+loss tokens of those calls (non-zero entries of the loss's ``tokens`` input: cross_entropy's weights, the
+policy losses' advantages), ``num_sequences`` by their datums with at least one loss token, ``none`` (the
+default) not at all; a count of 0 leaves it as it is. Then ``grad_clip_norm > 0`` clips the global norm.
 ``recent_loss:mean`` is the loss:mean over the forward_backward calls since the previous step.
 
 Guard: a step that would leave a weight, a gradient or an Adam moment NaN or infinite (or a weight so large
@@ -87,13 +92,16 @@ def forward_pass(run: Run, batch: Batch, *, backward: bool) -> types.ForwardBack
         ).logits
         lp = target_logprobs(logits, tensors["target_tokens"])
         del logits
-        elementwise, denom = LOSSES[batch.loss_fn].fn(lp, tensors)
+        elementwise, denom = LOSSES[batch.loss_fn].fn(lp, tensors, **batch.config)
         total = elementwise.sum()
         loss_sum = float(total.detach())
         if backward:
             _backward(run, total, loss_sum, pending, batch.loss_fn)
             run.loss_sum += loss_sum
             run.weight_sum += denom
+            per_datum = [int(np.count_nonzero(v)) for v in batch.fields[LOSSES[batch.loss_fn].tokens]]
+            run.loss_tokens += sum(per_datum)
+            run.loss_sequences += sum(1 for n in per_datum if n)
     return _output(run, batch, lp, elementwise, loss_sum / denom if denom else 0.0)
 
 
@@ -167,6 +175,9 @@ def optim_step(run: Run, adam: AdamStep) -> types.OptimStepResponse:
         run.optimizer = new_optimizer(params)
     for group in run.optimizer.param_groups:
         group.update(lr=adam.learning_rate, betas=adam.betas, eps=adam.eps, weight_decay=adam.weight_decay)
+    count = {"num_loss_tokens": run.loss_tokens, "num_sequences": run.loss_sequences}.get(adam.normalization)
+    if count:
+        torch._foreach_div_([p.grad for p in params], float(count))
     if adam.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
     run.optimizer.step()
@@ -185,6 +196,7 @@ def optim_step(run: Run, adam: AdamStep) -> types.OptimStepResponse:
     run.steps += 1
     recent = run.loss_sum / run.weight_sum if run.weight_sum else 0.0
     run.loss_sum = run.weight_sum = 0.0
+    run.loss_tokens = run.loss_sequences = 0
     return types.OptimStepResponse(
         metrics={
             "step:max": float(run.steps),
