@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
+    _add_runs(commands)
+    _add_checkpoints(commands)
+    _add_sample(commands)
+    return parser
+
+
+def _add_runs(commands: Any) -> None:
+    """The `runs list|show` command."""
     runs = commands.add_parser("runs", help="list and inspect training runs", description="Training runs.")
     runs_sub = runs.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser, required=True)
     p = runs_sub.add_parser(
@@ -118,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(p, top=False)
     p.set_defaults(handler=_runs_show)
 
+
+def _add_checkpoints(commands: Any) -> None:
+    """The `checkpoints list|delete|download` command."""
     ckpt = commands.add_parser(
         "checkpoints",
         help="list, delete and download checkpoints",
@@ -158,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(p, top=False)
     p.set_defaults(handler=_checkpoints_download)
 
+
+def _add_sample(commands: Any) -> None:
+    """The `sample` command."""
     p = commands.add_parser(
         "sample",
         help="sample completions of a prompt",
@@ -181,7 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     _json_option(p)
     _connection_options(p, top=False)
     p.set_defaults(handler=_sample)
-    return parser
 
 
 def _positive_int(text: str) -> int:
