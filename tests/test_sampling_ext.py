@@ -191,8 +191,10 @@ def test_the_deployment_sampler_returns_n_completions_per_conversation(server: A
         sampler = service.create_deployment_sampler(
             base_model=BUILTIN_NAME, tokenizer=tokenizer, concurrency_controller=controller
         )
-        many = asyncio.run(sampler.sample_with_tokens(messages=CONVERSATIONS, n=3, max_tokens=8, seed=4))
-        one = asyncio.run(sampler.sample_with_tokens(messages=CONVERSATIONS[0], n=2, max_tokens=8, seed=4))
+        # stop=[]: no stop at EOS (the tiny model mostly answers a chat with EOS at once), 8 tokens each
+        options: dict[str, Any] = {"max_tokens": 8, "seed": 4, "stop": []}
+        many = asyncio.run(sampler.sample_with_tokens(messages=CONVERSATIONS, n=3, **options))
+        one = asyncio.run(sampler.sample_with_tokens(messages=CONVERSATIONS[0], n=2, **options))
         assert counted.submitted == 3 * 2 + 2 and counted.peak <= 2  # one request per sample, two at a time
         scorer = service.create_sampling_client(base_model=BUILTIN_NAME)
         scored = [scorer.compute_logprobs(types.ModelInput.from_ints(c.full_tokens)) for c in many]
@@ -203,7 +205,7 @@ def test_the_deployment_sampler_returns_n_completions_per_conversation(server: A
         conversation = CONVERSATIONS[c.prompt_index]
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         assert c.prompt_tokens == tokenizer.encode(text, add_special_tokens=False)
-        assert 1 <= c.completion_len <= 8 and c.finish_reason in ("stop", "length")
+        assert c.completion_len == 8 and c.finish_reason == "length"
         assert tokenizer.decode(c.tokens, skip_special_tokens=True) == c.text
         assert c.full_tokens == c.prompt_tokens + c.tokens and c.prompt_len == len(c.prompt_tokens)
         np.testing.assert_allclose(c.logprobs, lp[-c.completion_len :], atol=1e-4)
