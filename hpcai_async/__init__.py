@@ -39,6 +39,8 @@ from ._errors import (
 from ._futures import APIFuture, QueueState
 from ._retry import RetryConfig
 from ._version import __version__
+from .concurrency import AdaptiveConcurrencyController, ConcurrencyController, FixedConcurrencyController
+from .deployment import DeploymentSampler, SampledCompletion
 from .rest import RestClient
 from .sampling import SamplingClient
 from .service import ServiceClient
@@ -77,14 +79,18 @@ __all__ = (
     "APIStatusError",
     "APITimeoutError",
     "AdamParams",
+    "AdaptiveConcurrencyController",
     "AuthenticationError",
     "BadRequestError",
     "Checkpoint",
     "CheckpointType",
+    "ConcurrencyController",
     "ConfigurationError",
     "ConflictError",
     "Datum",
+    "DeploymentSampler",
     "EncodedTextChunk",
+    "FixedConcurrencyController",
     "ForwardBackwardOutput",
     "GoneError",
     "HpcAIError",
@@ -108,6 +114,7 @@ __all__ = (
     "RetryConfig",
     "SampleRequest",
     "SampleResponse",
+    "SampledCompletion",
     "SampledSequence",
     "SamplingClient",
     "SamplingParams",

@@ -108,7 +108,15 @@ class Batcher:
             raise APIError(f"unexpected answer from the server to a batch: {exc}") from None
         if len(responses) != len(items):
             raise APIError(f"the server answered {len(responses)} requests of a batch of {len(items)}")
-        return [Answer(r.status, bytes(r.body), answer.content_type, {}) for r in responses]
+        return [
+            Answer(
+                r.status,
+                bytes(r.body),
+                answer.content_type,
+                r.headers if r.headers is not msgspec.UNSET else {},
+            )
+            for r in responses
+        ]
 
     def close(self) -> None:
         """The client is closing: fail what still waits (what is on the wire is cancelled with its task)."""

@@ -196,6 +196,11 @@ class Transport:
         """A new transport to the same service with the same settings: its own session, not yet bound."""
         return Transport(**self._settings)
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments (URL, API key, timeouts, retry policy, headers): what rebuilds it
+        elsewhere, e.g. in another process (they hold the API key)."""
+        return dict(self._settings)
+
     @property
     def retry_timeout(self) -> float:
         return self.retry.timeout
@@ -529,13 +534,17 @@ class Transport:
         model_id: str | None = None,
         roundtrip: float | None = None,
         inline: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET,
+        inline_headers: Mapping[str, str] | None = None,
         budget: RetryBudget | None = None,
         on_queue_state: Callable[[str], None] | None = None,
+        on_headers: Callable[[Mapping[str, str]], None] | None = None,
     ) -> T:
         """Long-poll ``retrieve_future`` until the result is there (``_poll``).
 
-        A failed job raises ``RequestFailedError``; an expired future ``GoneError``; failures (connection
-        errors, 429, 5xx) for longer than the retry budget without progress ``RetryBudgetExceededError``.
+        ``inline`` is a result the submit's answer carried (its headers: ``inline_headers``);
+        ``on_headers`` is given the headers of the answer that carries the result. A failed job raises
+        ``RequestFailedError``; an expired future ``GoneError``; failures (connection errors, 429, 5xx) for
+        longer than the retry budget without progress ``RetryBudgetExceededError``.
         """
         msgpack = self.msgpack
         request = poll_request(
@@ -550,7 +559,9 @@ class Transport:
         batched = "batch" in (self._features or ())
         answer = None
         if inline is not msgspec.UNSET:  # the submit's answer carried the result ("inline_result")
-            answer = Answer(200, bytes(inline), _wire.MSGPACK if msgpack else _wire.JSON, {})
+            answer = Answer(
+                200, bytes(inline), _wire.MSGPACK if msgpack else _wire.JSON, inline_headers or {}
+            )
         return await self._poller.poll(
             self._poll_batcher.send if batched else self.send,
             request,
@@ -559,6 +570,7 @@ class Transport:
             request_id=request_id,
             inline=answer,
             on_queue_state=on_queue_state,
+            on_headers=on_headers,
         )
 
 

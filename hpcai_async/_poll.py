@@ -12,7 +12,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -61,8 +61,10 @@ class Poller:
         request_id: str,
         inline: Answer | None = None,
         on_queue_state: Callable[[str], None] | None = None,
+        on_headers: Callable[[Mapping[str, str]], None] | None = None,
     ) -> T:
-        """Poll with ``request`` until the result is there; ``inline``: the submit's answer carried it."""
+        """Poll with ``request`` until the result is there; ``inline``: the submit's answer carried it.
+        ``on_headers`` is given the headers of the answer that carries the result."""
         start = time.monotonic()
         headers = dict(request.headers)
         iteration = 0
@@ -86,6 +88,8 @@ class Poller:
                     probe = _decode(answer, _Probe) if status == 200 else _STILL_QUEUED
                     if probe.type != "try_again":
                         budget.progress()
+                        if on_headers is not None:
+                            on_headers(answer.headers)
                         return _result(answer, probe, result, request_id)
                     budget.progress()
                     if on_queue_state is not None and isinstance(probe.queue_state, str):

@@ -104,7 +104,8 @@ class RetryConfig:
     """The official SDK's sampling retry settings (``hpcai.lib.retry_handler.RetryConfig``), same defaults.
 
     Given as ``retry_config=`` to ``create_sampling_client`` / ``save_weights_and_get_sampling_client``, it
-    governs that SamplingClient: at most ``max_connections`` samples on the wire at once; a sample fails
+    governs that SamplingClient: at most ``max_connections`` samples on the wire at once (a
+    ``FixedConcurrencyController`` of that size, unless a ``concurrency_controller`` is given); a sample fails
     after ``progress_timeout`` seconds without progress (its retry budget); retries wait
     ``retry_delay_base * 2**n`` up to ``retry_delay_max`` seconds, less up to ``jitter_factor`` of it;
     ``enable_retry_logic=False`` makes the first failure final. ``retryable_exceptions`` is kept for

@@ -5,7 +5,8 @@ the other way round):
 
 * media types and the codecs: JSON for everyone, MessagePack (tensors as raw little-endian bytes) where the
   server lists ``"msgpack"``; one reusable msgspec encoder per format and one decoder per (type, format);
-* header names (PROTOCOL.md §1, §3, §4) and our ``inline_result`` extension's wait header and its cap;
+* header names (PROTOCOL.md §1, §3, §4), our ``inline_result`` extension's wait header and its cap, and
+  the ``queue_duration`` extension's header;
 * the error body ``{"error": <exception class>, "message": ..., "code": <machine code, optional>}`` and the
   status <-> exception table that maps it back (``_errors`` holds the classes);
 * checkpoint paths: ``hpcai://{run}/{weights|sampler_weights|training|sampler}/{checkpoint}``, and the same
@@ -14,6 +15,7 @@ the other way round):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Literal, NamedTuple, TypeVar
@@ -33,6 +35,7 @@ __all__ = (
     "MSGPACK",
     "MSGPACK_TYPES",
     "ParsedCheckpointPath",
+    "QUEUE_DURATION_MS",
     "Request",
     "checkpoint_path_for",
     "decoder",
@@ -44,6 +47,7 @@ __all__ = (
     "is_msgpack",
     "parse_checkpoint_path",
     "parse_error_body",
+    "queue_duration",
     "shorten",
     "status_for_error",
 )
@@ -76,6 +80,9 @@ INLINE_WAIT_HEADER = "X-HpcAI-Async-Inline-Wait"
 INLINE_WAIT_MAX = 0.05  # s
 INLINE_WAIT_SUBMIT = 0.01  # s: what a client asks for one submit ...
 INLINE_WAIT_BATCH = INLINE_WAIT_MAX  # ... and for all the results of a batch
+# "queue_duration": on an answer that carries a sample's result (a poll's, an inline result's, a batch
+# item's), the milliseconds the job waited in the server's queue before the engine started it.
+QUEUE_DURATION_MS = "X-Queue-Duration-Ms"
 
 
 def inline_wait(value: str | None) -> float:
@@ -85,6 +92,16 @@ def inline_wait(value: str | None) -> float:
     except ValueError:
         return 0.0
     return min(max(wait, 0.0), INLINE_WAIT_MAX) if wait == wait else 0.0  # NaN -> 0
+
+
+def queue_duration(headers: Mapping[str, str]) -> float | None:
+    """The queue duration (seconds) an answer's ``X-Queue-Duration-Ms`` header reports, or None."""
+    raw = headers.get(QUEUE_DURATION_MS)
+    try:
+        ms = float(raw) if raw is not None else math.nan
+    except ValueError:
+        return None
+    return ms / 1000.0 if math.isfinite(ms) and ms >= 0 else None
 
 
 # ------------------------------------------------------------------------------------------- codecs

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Mapping
 from types import TracebackType
+from typing import Any
 
 from ._errors import APIError, ConfigurationError
 from ._futures import QueueStateObserver
@@ -15,6 +16,8 @@ from ._http import DEFAULT_BASE_URL, REQUEST_READ_TIMEOUT, Transport
 from ._loop import LoopBinding, blocking, on_client_loop
 from ._poll import POLL_READ_TIMEOUT
 from ._retry import DEFAULT_RETRY_TIMEOUT, RetryConfig, RetryPolicy
+from .concurrency import ConcurrencyController
+from .deployment import DeploymentSampler
 from .rest import RestClient
 from .sampling import SamplingClient
 from .training import TrainingClient
@@ -272,13 +275,21 @@ class ServiceClient(QueueStateObserver):
         model_path: str | None = None,
         base_model: str | None = None,
         retry_config: RetryConfig | None = None,
+        *,
+        concurrency_controller: ConcurrencyController | None = None,
     ) -> SamplingClient:
         """A SamplingClient for saved weights (``model_path``, ``hpcai://...``) or a ``base_model``.
 
-        ``retry_config`` sets its retries and concurrency (see ``RetryConfig``).
+        ``retry_config`` sets its retries (see ``RetryConfig``); ``concurrency_controller`` (a
+        ``FixedConcurrencyController`` or ``AdaptiveConcurrencyController``, shareable) how many of its
+        samples are in flight at once.
         """
         return SamplingClient(
-            self._transport, model_path=model_path, base_model=base_model, retry_config=retry_config
+            self._transport,
+            model_path=model_path,
+            base_model=base_model,
+            retry_config=retry_config,
+            concurrency_controller=concurrency_controller,
         )
 
     async def create_sampling_client_async(
@@ -286,9 +297,32 @@ class ServiceClient(QueueStateObserver):
         model_path: str | None = None,
         base_model: str | None = None,
         retry_config: RetryConfig | None = None,
+        *,
+        concurrency_controller: ConcurrencyController | None = None,
     ) -> SamplingClient:
         """Same as ``create_sampling_client`` (nothing to wait for)."""
-        return self.create_sampling_client(model_path, base_model, retry_config)
+        return self.create_sampling_client(
+            model_path, base_model, retry_config, concurrency_controller=concurrency_controller
+        )
+
+    def create_deployment_sampler(
+        self,
+        model_path: str | None = None,
+        *,
+        base_model: str | None = None,
+        tokenizer: Any = None,
+        concurrency_controller: ConcurrencyController | None = None,
+    ) -> DeploymentSampler:
+        """A DeploymentSampler (Fireworks' shape) for saved weights ``model_path`` or a ``base_model``.
+
+        Its ``sample_with_tokens(messages=..., n=...)`` applies ``tokenizer``'s chat template (None: the
+        tokenizer of ``base_model``, loaded on first use) and fans the samples out as concurrent requests
+        through ``concurrency_controller``. Nothing is sent now; a new ``model_path`` is a new sampler.
+        """
+        client = self.create_sampling_client(
+            model_path, base_model, concurrency_controller=concurrency_controller
+        )
+        return DeploymentSampler(client, tokenizer, base_model=base_model)
 
     def get_telemetry(self) -> None:
         """The official SDK's telemetry handle; this client sends no telemetry, so it is always None."""

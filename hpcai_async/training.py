@@ -44,6 +44,7 @@ from ._loop import LoopBinding, LoopThread, blocking, mark_sync_form, on_client_
 from ._ordered import Body, RunRequests, Started
 from ._retry import RetryConfig
 from ._tokenizer import load_tokenizer
+from .concurrency import ConcurrencyController
 from .sampling import SamplingClient
 from .types import (
     AdamParams,
@@ -310,27 +311,48 @@ class TrainingClient(QueueStateObserver):
 
     @on_client_loop
     async def save_weights_and_get_sampling_client_async(
-        self, name: str, retry_config: RetryConfig | None = None
+        self,
+        name: str,
+        retry_config: RetryConfig | None = None,
+        *,
+        concurrency_controller: ConcurrencyController | None = None,
     ) -> SamplingClient:
         """Save sampler weights as ``name``, wait for them, and return a SamplingClient for them."""
         saved = await (await self.save_weights_for_sampler_async(name))
-        return self.create_sampling_client(saved.path, retry_config)
+        return self.create_sampling_client(
+            saved.path, retry_config, concurrency_controller=concurrency_controller
+        )
 
     save_weights_and_get_sampling_client = blocking(save_weights_and_get_sampling_client_async)
 
     def create_sampling_client(
-        self, model_path: str, retry_config: RetryConfig | None = None
+        self,
+        model_path: str,
+        retry_config: RetryConfig | None = None,
+        *,
+        concurrency_controller: ConcurrencyController | None = None,
     ) -> SamplingClient:
-        """A SamplingClient for weights saved by this run (``hpcai://...``); ``retry_config``: its retries."""
+        """A SamplingClient for weights saved by this run (``hpcai://...``); ``retry_config``: its retries;
+        ``concurrency_controller``: how many of its samples are in flight at once."""
         return SamplingClient(
-            self._transport, model_path=model_path, base_model=self.base_model, retry_config=retry_config
+            self._transport,
+            model_path=model_path,
+            base_model=self.base_model,
+            retry_config=retry_config,
+            concurrency_controller=concurrency_controller,
         )
 
     async def create_sampling_client_async(
-        self, model_path: str, retry_config: RetryConfig | None = None
+        self,
+        model_path: str,
+        retry_config: RetryConfig | None = None,
+        *,
+        concurrency_controller: ConcurrencyController | None = None,
     ) -> SamplingClient:
         """Same as ``create_sampling_client`` (nothing to wait for)."""
-        return self.create_sampling_client(model_path, retry_config)
+        return self.create_sampling_client(
+            model_path, retry_config, concurrency_controller=concurrency_controller
+        )
 
     def get_telemetry(self) -> None:
         """The official SDK's telemetry handle; this client sends no telemetry, so it is always None."""

@@ -1,16 +1,20 @@
-"""Client test helpers: coroutines on asyncio or uvloop (loop errors fail the test), data, clients."""
+"""Client test helpers: coroutines on asyncio or uvloop (loop errors fail the test), data, clients, and a slow
+sampling engine with a server-side count of the samples in flight."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from hpcai_async import ServiceClient, types
 from hpcai_async._loop import LoopThread
+from hpcai_async.server import NullEngine
+from hpcai_async.server.engine_api import SampleJob
 
 T = TypeVar("T")
 
@@ -90,3 +94,45 @@ def datum(tokens: Any, weights: Any = None) -> types.Datum:
 
 def small_batch(count: int = 1, length: int = 6, offset: int = 1) -> list[types.Datum]:
     return [datum(np.arange(length) + offset + i) for i in range(count)]
+
+
+class SlowSampler(NullEngine):
+    """A NullEngine whose sampling batches take ``delay`` seconds (a busy device); it records how many jobs
+    each batch held."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.batches: list[int] = []
+
+    def sample(self, jobs: Sequence[SampleJob]) -> list[types.SampleResponse]:
+        self.batches.append(len(jobs))
+        time.sleep(self.delay)
+        return super().sample(jobs)
+
+
+class InFlight:
+    """Counts a server's sampling requests from accepted to their result handed out (server-side): wraps
+    its scheduler's ``submit_sample`` and ``delivered`` (the real ones still run)."""
+
+    def __init__(self, server: Any) -> None:
+        scheduler = server.scheduler
+        self.now = self.peak = self.submitted = 0
+        self._mine: set[int] = set()
+        submit, delivered = scheduler.submit_sample, scheduler.delivered
+
+        def counting_submit(job: SampleJob, **kwargs: Any) -> Any:
+            record = submit(job, **kwargs)
+            self.submitted += 1
+            self._mine.add(id(record))
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            return record
+
+        def counting_delivered(record: Any) -> None:
+            if id(record) in self._mine:  # its first hand-out
+                self._mine.discard(id(record))
+                self.now -= 1
+            delivered(record)
+
+        scheduler.submit_sample, scheduler.delivered = counting_submit, counting_delivered

@@ -258,6 +258,8 @@ PUBLIC_MODULES = [
     "hpcai_async.cli",
     "hpcai_async.types",
     "hpcai_async.checkpoint_utils",
+    "hpcai_async.concurrency",
+    "hpcai_async.deployment",
     "hpcai_async.lib.public_interfaces",
     "hpcai_async.rest",
     "hpcai_async.service",

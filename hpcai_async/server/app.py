@@ -46,6 +46,8 @@ FEATURES = [
     "loss_fn_config",
     "loss:cispo",
     "loss:dro",
+    "queue_duration",
+    "topk_prompt_logprobs",
 ]
 # What each dialect advertises: "local" is ours (every extension); "hosted" advertises what the hosted HPC-AI
 # service does (none), so a client talks to it exactly as to the hosted service (benchmarks, compatibility).
@@ -88,11 +90,21 @@ def _fingerprint(path: str, raw: bytes) -> bytes:
 # ------------------------------------------------------------------------------------------------ answers
 
 
+def _queue_duration(service: Service, record: Record, response: web.Response) -> web.Response:
+    """An answer carrying ``record``'s result: with "queue_duration", how long the job waited in the queue
+    before the engine started it (recorded for samples), in ``X-Queue-Duration-Ms``."""
+    queued = record.queued_s
+    if service.queue_duration and queued is not None:
+        response.headers[_wire.QUEUE_DURATION_MS] = f"{queued * 1000.0:.3f}"
+    return response
+
+
 async def _future(service: Service, codec: Codec, record: Record, wait: float) -> web.Response:
     """The future of a submitted job; with the result inside when the client asked to wait for it."""
     future = types.UntypedAPIFuture(request_id=record.request_id, model_id=record.model_id)
     if wait > 0 and await service.wait(record, wait):
         future.result = msgspec.Raw(codec.encode(service.take(record)))
+        return _queue_duration(service, record, codec.reply(future))
     return codec.reply(future)
 
 
@@ -101,7 +113,8 @@ async def _direct(service: Service, codec: Codec, record: Record) -> web.Respons
     if not await service.wait(record, None):
         return codec.error_reply(503, "the server is shutting down; retry later")
     outcome = service.take(record)
-    return codec.reply(outcome, _wire.status_for_error(outcome.error) if record.error is not None else 200)
+    status = _wire.status_for_error(outcome.error) if record.error is not None else 200
+    return _queue_duration(service, record, codec.reply(outcome, status))
 
 
 async def _submit(
@@ -132,7 +145,7 @@ async def _poll(service: Service, raw: bytes, codec: Codec, answered: asyncio.Ev
     req = codec.decode(raw, types.FutureRetrieveRequest)
     record = service.future(req.request_id)
     if await service.wait(record, service.scheduler.long_poll_s, until=answered):
-        response = codec.reply(service.take(record))
+        response = _queue_duration(service, record, codec.reply(service.take(record)))
         if answered is not None:
             _end_polls_soon(answered)
         return response
@@ -166,7 +179,10 @@ async def _batch_answer(
         if item.path == "retrieve_future":  # an unknown or expired future is an answer too
             _end_polls_soon(answered)
     assert isinstance(response.body, bytes)
-    return types.BatchAnswer(status=response.status, body=msgspec.Raw(response.body))
+    answer = types.BatchAnswer(status=response.status, body=msgspec.Raw(response.body))
+    if (queued := response.headers.get(_wire.QUEUE_DURATION_MS)) is not None:
+        answer.headers = {_wire.QUEUE_DURATION_MS: queued}
+    return answer
 
 
 # ------------------------------------------------------------------------------------------------ routes
@@ -359,8 +375,10 @@ def build_app(
     async def wake(app: web.Application) -> None:
         scheduler.wake_all()  # long-polls answer now, before the server waits for open requests to end
 
-    seq_ids = "seq_id" in DIALECTS[dialect]
-    app.cleanup_ctx.append(lifecycle(scheduler, engine, store, close_engine, seq_ids))
+    features = DIALECTS[dialect]
+    app.cleanup_ctx.append(
+        lifecycle(scheduler, engine, store, close_engine, "seq_id" in features, "queue_duration" in features)
+    )
     app.on_shutdown.append(wake)
     app.router.add_get("/api/v1/healthz", healthz)
     app.router.add_get("/api/v1/get_server_capabilities", capabilities)

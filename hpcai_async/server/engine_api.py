@@ -36,6 +36,7 @@ from .models import ModelSpec
 __all__ = (
     "MAX_LORA_RANK",
     "MAX_NUM_SAMPLES",
+    "MAX_TOPK_PROMPT_LOGPROBS",
     "SEED_RANGE",
     "AdamStep",
     "Batch",
@@ -52,6 +53,7 @@ __all__ = (
 
 MAX_LORA_RANK: Final = 256  # bounds one run's adapter and optimizer memory
 MAX_NUM_SAMPLES: Final = 256  # per request: bounds one request's share of a sampling batch
+MAX_TOPK_PROMPT_LOGPROBS: Final = 20  # vLLM's default max_logprobs: bounds the answer at 20 pairs per token
 SEED_RANGE: Final = (0, 2**63)  # seeds are non-negative int64 (torch.manual_seed and numpy both take them)
 _QUOTE: Final = 200  # characters of a bad value an error message quotes at most (DESIGN: ~200)
 _DTYPES: Final = {"int64": "<i8", "float32": "<f4"}  # the wire dtypes (PROTOCOL.md §5.2), little-endian
@@ -73,6 +75,7 @@ class SampleJob:
     params: types.SamplingParams
     num_samples: int = 1
     prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0  # the k most likely tokens at each prompt position (0: none)
     base_model: str
     adapter_dir: Path | None = None
     prompt_ids: npt.NDArray[np.int64] | None = None
@@ -316,6 +319,11 @@ def check_sample(job: SampleJob, *, vocab_size: int, max_context: int) -> Sample
         raise BadRequestError(
             f"num_samples: must be in [1, {MAX_NUM_SAMPLES}] per request, got {job.num_samples}; "
             "send several requests for more"
+        )
+    k = job.topk_prompt_logprobs
+    if not 0 <= k <= MAX_TOPK_PROMPT_LOGPROBS:
+        raise BadRequestError(
+            f"topk_prompt_logprobs: must be in [0, {MAX_TOPK_PROMPT_LOGPROBS}] (0: none), got {_quote(k)}"
         )
     ids = _tokens(job.prompt.chunks, "prompt", vocab_size)
     n = int(ids.size)

@@ -56,6 +56,8 @@ class Record:
     seq_id: int | None = None
     result: Any = None
     error: types.ErrorResponse | None = None
+    created_at: float = 0.0
+    started_at: float | None = None  # when the engine started it (sampling batches; loop time)
     finished_at: float | None = None
     delivered_at: float | None = None  # first time retrieve_future handed the result out
     waiters: set[asyncio.Future[bool]] = field(default_factory=set)
@@ -63,6 +65,11 @@ class Record:
     @property
     def done(self) -> bool:
         return self.finished_at is not None
+
+    @property
+    def queued_s(self) -> float | None:
+        """Seconds it waited in the server's queue before the engine started it (None: not recorded)."""
+        return None if self.started_at is None else max(0.0, self.started_at - self.created_at)
 
 
 class Futures:
@@ -89,6 +96,7 @@ class Futures:
         self, kind: str, model_id: str | None, fingerprint: bytes, idem_key: str | None
     ) -> Record:
         record = Record(request_id=str(uuid.uuid4()), kind=kind, model_id=model_id, fingerprint=fingerprint)
+        record.created_at = self._now()
         self._records[record.request_id] = record
         if idem_key:
             record.idem_key = idem_key

@@ -66,6 +66,7 @@ def lifecycle(
     store_path: str | os.PathLike[str] | None,
     close_engine: bool = True,
     seq_ids: bool = True,
+    queue_duration: bool = True,
 ) -> Lifecycle:
     """The ``cleanup_ctx`` entry that runs the server (see the module docstring)."""
 
@@ -80,7 +81,7 @@ def lifecycle(
 
         try:
             await scheduler.start(engine_factory, on_tick=flush)
-            app[SERVICE] = Service(scheduler, store, io, seq_ids=seq_ids)
+            app[SERVICE] = Service(scheduler, store, io, seq_ids=seq_ids, queue_duration=queue_duration)
             yield
         finally:
             await scheduler.stop(close_engine=close_engine)

@@ -200,7 +200,12 @@ class NullEngine:
             prompt_lp: list[float | None] | None = None
             if job.prompt_logprobs:
                 prompt_lp = [None, *([0.0] * (job.prompt.length - 1))]
-            out.append(types.SampleResponse(sequences=seqs, prompt_logprobs=prompt_lp))
+            topk: list[list[tuple[int, float]] | None] | None = None
+            if job.topk_prompt_logprobs:
+                topk = [None, *([[(0, 0.0)] * job.topk_prompt_logprobs] * (job.prompt.length - 1))]
+            out.append(
+                types.SampleResponse(sequences=seqs, prompt_logprobs=prompt_lp, topk_prompt_logprobs=topk)
+            )
         return out
 
 

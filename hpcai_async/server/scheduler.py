@@ -417,6 +417,9 @@ class Scheduler(Futures):
         if self._open_batches.get(batch.key) is batch:
             del self._open_batches[batch.key]
         jobs = [job for _, job in batch.items]
+        started = self._now()
+        for record, _ in batch.items:
+            record.started_at = started  # the device thread is idle: the engine starts the batch now
         self.busy = True
         try:
             outcomes: list[Any] = await self._loop.run_in_executor(self._executor, self.engine.sample, jobs)

@@ -69,12 +69,19 @@ class Service:
     """The server's operations, bound to one scheduler (futures, ordering, the engine) and one store."""
 
     def __init__(
-        self, scheduler: Scheduler, store: Store, io: concurrent.futures.Executor, *, seq_ids: bool = True
+        self,
+        scheduler: Scheduler,
+        store: Store,
+        io: concurrent.futures.Executor,
+        *,
+        seq_ids: bool = True,
+        queue_duration: bool = True,
     ) -> None:
         self.scheduler = scheduler
         self.store = store
         self.io = io  # for blocking store work on the event loop's behalf (REST routes)
         self.seq_ids = seq_ids  # the "seq_id" extension is advertised: get_info tells next_seq_id
+        self.queue_duration = queue_duration  # "queue_duration" is advertised: results say their wait
 
     @property
     def engine(self) -> EngineAPI:
@@ -363,6 +370,7 @@ class Service:
             params=req.sampling_params,
             num_samples=req.num_samples,
             prompt_logprobs=req.prompt_logprobs,
+            topk_prompt_logprobs=req.topk_prompt_logprobs if isinstance(req.topk_prompt_logprobs, int) else 0,
             base_model=base,
             adapter_dir=adapter,
         )

@@ -210,6 +210,8 @@ class SampleRequest(Struct, kw_only=True):
     base_model: str | UnsetType = UNSET
     model_path: str | UnsetType = UNSET
     prompt_logprobs: bool = False
+    # "topk_prompt_logprobs" (tinker's field): the k most likely tokens at each prompt position
+    topk_prompt_logprobs: int | UnsetType = UNSET
 
 
 class FutureRetrieveRequest(Struct, kw_only=True):
@@ -246,6 +248,7 @@ class BatchRequest(Struct, kw_only=True):
 class BatchAnswer(Struct, kw_only=True):
     status: int
     body: msgspec.Raw
+    headers: dict[str, str] | UnsetType = UNSET  # those of its own answer that matter (queue_duration)
 
 
 class BatchResponse(Struct, kw_only=True):
@@ -345,6 +348,9 @@ class SampleResponse(Struct, kw_only=True):
     sequences: list[SampledSequence]
     type: Literal["sample"] = "sample"
     prompt_logprobs: list[float | None] | None = None
+    # with topk_prompt_logprobs=k (tinker's shape): per prompt token, up to k (token id, logprob) pairs,
+    # most likely first; entry 0 is None (the first token has no context)
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 # ---------------------------------------------------------------------------------------- REST

@@ -4,9 +4,11 @@
 the context end if that comes first (stop_reason "length"). ``stop``: None stops at EOS; a list of strings
 stops when the decoded completion contains one of them (EOS also stops); a list of token ids stops at those
 ids only; ``[]`` disables every stop. The token that completes a stop (string or id, EOS too) is the last
-token returned. Sampled logprobs are log-softmax at temperature 1 of the raw logits. With a seed, sample i of
-a job draws from its own generator seeded by (seed, i), so its tokens do not depend on the other jobs in the
-batch (up to float rounding of batched matmuls).
+token returned. Sampled logprobs are log-softmax at temperature 1 of the raw logits; so are the prompt
+logprobs and, with ``topk_prompt_logprobs=k``, the k most likely tokens at each prompt position, both from
+the prompt's own forward pass (the prefill). With a seed, sample i of a job draws from its own generator
+seeded by (seed, i), so its tokens do not depend on the other jobs in the batch (up to float rounding of
+batched matmuls).
 """
 
 from __future__ import annotations
@@ -161,14 +163,13 @@ class _Decoder:
         )
         return decoder, torch.from_numpy(ids).to(device)
 
-    def prefill(
-        self, input_ids: Any, want_prompt_lp: list[bool]
-    ) -> tuple[Any, dict[int, list[float | None]]]:
-        """Run the prompts; the last position's logits and the prompt logprobs of the jobs that want them."""
+    def prefill(self, input_ids: Any, jobs: list[SampleJob]) -> tuple[Any, dict[int, _PromptScores]]:
+        """Run the prompts; the last position's logits, and the prompt logprobs and top-k logprobs of the
+        jobs that want them (from the same forward pass)."""
         base, rows = self.base, self.rows
         positions = (self.attn.cumsum(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = {}
-        if base.keep_logits and not any(want_prompt_lp):
+        if base.keep_logits and not any(j.prompt_logprobs or j.topk_prompt_logprobs for j in jobs):
             kwargs["logits_to_keep"] = 1
         out = base.module(
             input_ids=input_ids, attention_mask=self.attn, position_ids=positions, use_cache=True, **kwargs
@@ -176,13 +177,14 @@ class _Decoder:
         self.cache = getattr(out, base.cache_arg)
         self.pos = positions[:, -1:]
         width = input_ids.shape[1]
-        prompt_lps: dict[int, list[float | None]] = {}
+        scores: dict[int, _PromptScores] = {}
         for r, row in enumerate(rows):
-            if want_prompt_lp[row.job] and row.job not in prompt_lps:  # the job's first row
+            job = jobs[row.job]
+            if (job.prompt_logprobs or job.topk_prompt_logprobs) and row.job not in scores:  # its first row
                 n = len(row.prompt)
-                lp = target_logprobs(out.logits[r, width - n : width - 1], input_ids[r, width - n + 1 :])
-                prompt_lps[row.job] = [None, *lp.cpu().tolist()]
-        return out.logits[:, -1, :].float(), prompt_lps
+                logits = out.logits[r, width - n : width - 1]
+                scores[row.job] = _prompt_scores(logits, input_ids[r, width - n + 1 :], job)
+        return out.logits[:, -1, :].float(), scores
 
     def step(self, chosen: Any) -> Any:
         """Feed each row's chosen token; the next logits."""
@@ -200,6 +202,28 @@ class _Decoder:
         )
         self.cache = getattr(out, base.cache_arg)
         return out.logits[:, -1, :].float()
+
+
+@dataclass(slots=True)
+class _PromptScores:
+    logprobs: list[float | None] | None = None
+    topk: list[list[tuple[int, float]] | None] | None = None
+
+
+def _prompt_scores(logits: Any, targets: Any, job: SampleJob) -> _PromptScores:
+    """A job's prompt logprobs and top-k logprobs from its prompt's logits (position i predicts token i+1);
+    entry 0 of each is None (the first token has no context)."""
+    import torch
+
+    scores = _PromptScores()
+    if job.prompt_logprobs:
+        scores.logprobs = [None, *target_logprobs(logits, targets).cpu().tolist()]
+    k = min(job.topk_prompt_logprobs, logits.shape[-1])
+    if k > 0:
+        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # most likely first
+        pairs = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        scores.topk = [None, *pairs]
+    return scores
 
 
 def _advance(
@@ -228,12 +252,11 @@ def sample_group(
     import torch
 
     rows = _rows(base, jobs)
-    want_prompt_lp = [job.prompt_logprobs for job in jobs]
     stop_text = _StopText(tokenizer()) if any(r.stop_strs for r in rows) else None
     hit = stop_text.hit if stop_text is not None else (lambda row: False)
     decoder, input_ids = _Decoder.build(base, jobs, rows)
     with torch.inference_mode():
-        last, prompt_lps = decoder.prefill(input_ids, want_prompt_lp)
+        last, scores = decoder.prefill(input_ids, jobs)
         live = list(range(len(rows)))
         for step in range(max(r.max_new for r in rows)):
             chosen = _pick(last, decoder.temp, decoder.top_k, decoder.top_p, decoder.u[:, step])
@@ -243,12 +266,19 @@ def sample_group(
                 break
             last = decoder.step(chosen)
     responses = []
-    for j, job in enumerate(jobs):
+    for j in range(len(jobs)):
         seqs = [
             types.SampledSequence(stop_reason=r.reason, tokens=r.tokens, logprobs=r.logprobs)
             for r in rows
             if r.job == j
         ]
-        lp_list = prompt_lps.get(j) if job.prompt_logprobs else None
-        responses.append(types.SampleResponse(sequences=seqs, prompt_logprobs=lp_list))
+        prompt = scores.get(j, _NO_SCORES)
+        responses.append(
+            types.SampleResponse(
+                sequences=seqs, prompt_logprobs=prompt.logprobs, topk_prompt_logprobs=prompt.topk
+            )
+        )
     return responses
+
+
+_NO_SCORES = _PromptScores()
