@@ -46,6 +46,7 @@ FEATURES = [
     "loss_fn_config",
     "loss:cispo",
     "loss:dro",
+    "ttl",
 ]
 # What each dialect advertises: "local" is ours (every extension); "hosted" advertises what the hosted HPC-AI
 # service does (none), so a client talks to it exactly as to the hosted service (benchmarks, compatibility).
