@@ -199,6 +199,13 @@ class RunRequests:
         await self.submitted([started])
         return APIFuture(asyncio.get_running_loop(), started.outcome)
 
+    async def acknowledged(self, path: str, body: Body, result: type[T], request_type: str) -> None:
+        """Send a request in turn and return once the server has acknowledged it (queued it), without
+        waiting for its result, which nobody will read (an unload that must not wait for a slow job)."""
+        started = self.start(await self.reserve(1), path, body, result, request_type)
+        started.outcome.add_done_callback(_ignore_outcome)
+        await asyncio.shield(started.submission)
+
 
 class Started(Generic[T]):
     """A request under way: the task sending it and the task waiting for its result."""

@@ -37,12 +37,15 @@ __all__ = (
     "ParsedCheckpointPath",
     "QUEUE_DURATION_MS",
     "Request",
+    "checkpoint_id_for",
+    "checkpoint_name",
     "checkpoint_path_for",
     "decoder",
     "encode",
     "error_body",
     "error_name",
     "inline_wait",
+    "is_checkpoint_name",
     "is_checkpoint_path",
     "is_msgpack",
     "parse_checkpoint_path",
@@ -251,6 +254,27 @@ def parse_checkpoint_path(
 def checkpoint_path_for(run_id: str, checkpoint_id: str, kind: str, scheme: str = "hpcai://") -> str:
     """The path the hosted service writes for a checkpoint: ``hpcai://{run}/{weights|sampler_weights}/{id}``."""
     return f"{scheme}{run_id}/{_SEGMENTS[kind]}/{checkpoint_id}"
+
+
+def is_checkpoint_name(value: str) -> bool:
+    """Whether ``value`` is a bare checkpoint name (``step-4``), not a path: it has no ``scheme://``.
+
+    ``load_state("step-4")`` resolves such a name among its own run's checkpoints; anything with a scheme
+    is a path and goes to the server as it is (which refuses what it cannot read)."""
+    return "://" not in value
+
+
+def checkpoint_id_for(name: str, kind: str) -> str:
+    """``step-4`` + ``training`` -> ``step-4_training``: the id the hosted service gives a save (§5.8)."""
+    return f"{name}_{kind}"
+
+
+def checkpoint_name(checkpoint_id: str, kind: str) -> str:
+    """The name a checkpoint was saved under: ``checkpoint_id_for`` read backwards (``step-4_training`` ->
+    ``step-4``); Tinker's ids (``weights/step-4``) lose their segment; any other id is its own name."""
+    if "/" in checkpoint_id:
+        return checkpoint_id.rsplit("/", 1)[1]
+    return checkpoint_id.removesuffix(f"_{kind}") or checkpoint_id
 
 
 # ------------------------------------------------------------------------------------------- exchanges

@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from ._deadline import Deadline
 from ._errors import APIError, ConfigurationError
-from ._futures import QueueStateObserver
+from ._futures import APIFuture, QueueStateObserver
 from ._http import DEFAULT_BASE_URL, REQUEST_READ_TIMEOUT, Transport
 from ._loop import LoopBinding, blocking, on_client_loop
 from ._poll import POLL_READ_TIMEOUT
@@ -25,7 +26,9 @@ from .types import (
     CreateModelRequest,
     CreateModelResponse,
     GetServerCapabilitiesResponse,
+    LoadWeightsResponse,
     LoraConfig,
+    TrainingRun,
     UntypedAPIFuture,
 )
 
@@ -220,31 +223,76 @@ class ServiceClient(QueueStateObserver):
         return TrainingClient(self._transport, model_id, base_model, first_seq_id=None)
 
     @on_client_loop
-    async def create_training_client_from_state_async(self, path: str) -> TrainingClient:
-        """A new run with the weights of checkpoint ``path`` (``hpcai://...``); a fresh optimizer."""
-        return await self._from_state(path, optimizer=False)
+    async def create_training_client_from_state_async(
+        self,
+        path: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the whole restore's bound (Tinkex's await_timeout)
+    ) -> TrainingClient:
+        """A new run with the weights of checkpoint ``path`` (``hpcai://...``); a fresh optimizer.
+
+        ``timeout``: seconds the whole restore may take (None: no bound); past it ``APITimeoutError`` (a
+        ``TimeoutError``) is raised and the new run is unloaded, as it is when the load fails.
+        """
+        what = f"create_training_client_from_state({path!r:.200})"
+        return await self._from_state(path, optimizer=False, deadline=Deadline(timeout, what))
 
     create_training_client_from_state = blocking(create_training_client_from_state_async)
 
     @on_client_loop
-    async def create_training_client_from_state_with_optimizer_async(self, path: str) -> TrainingClient:
-        """A new run resumed from checkpoint ``path``: weights and optimizer state."""
-        return await self._from_state(path, optimizer=True)
+    async def create_training_client_from_state_with_optimizer_async(
+        self,
+        path: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the whole restore's bound (Tinkex's await_timeout)
+    ) -> TrainingClient:
+        """A new run resumed from checkpoint ``path``: weights and optimizer state (``timeout``: as for
+        ``create_training_client_from_state_async``)."""
+        what = f"create_training_client_from_state_with_optimizer({path!r:.200})"
+        return await self._from_state(path, optimizer=True, deadline=Deadline(timeout, what))
 
     create_training_client_from_state_with_optimizer = blocking(
         create_training_client_from_state_with_optimizer_async
     )
 
-    async def _from_state(self, path: str, *, optimizer: bool) -> TrainingClient:
-        """A new run shaped like the checkpoint's, loaded from it; unloaded again if the load fails."""
-        run = await self.create_rest_client().get_training_run_by_checkpoint_path_async(path)
+    async def _from_state(self, path: str, *, optimizer: bool, deadline: Deadline) -> TrainingClient:
+        """A new run shaped like the checkpoint's, loaded from it; unloaded again if the load fails or the
+        deadline passes (Tinkex: the temporary client is killed, nothing leaks)."""
+        run = await deadline.bound(self.create_rest_client().get_training_run_by_checkpoint_path_async(path))
         if not run.is_lora or run.lora_rank is None:
             raise APIError(
                 f"training run {run.training_run_id} is not a LoRA run; cannot recreate it from {path}"
             )
+        creating = self._transport.spawn(self._run_like(run))
+        try:
+            client = await deadline.bound(asyncio.shield(creating))
+        except BaseException:
+            creating.add_done_callback(self._unload_once_created)  # a run created after all must go too
+            raise
+        loaded: APIFuture[LoadWeightsResponse] | None = None
+        try:
+            load = client.load_state_with_optimizer_async if optimizer else client.load_state_async
+            loaded = await deadline.bound(load(path))
+            await deadline.bound(loaded.result_async())
+        except BaseException:
+            # the run exists only for this restore: leave nothing loaded behind, then raise the load's own
+            # error (a failure to unload must not hide it). Past the deadline the load may still be running
+            # on the server: the unload is queued behind it, and not waited for.
+            if loaded is not None:
+                loaded.cancel()
+            with contextlib.suppress(Exception):
+                if deadline.remaining() == 0:
+                    await client._unload_acknowledged()
+                else:
+                    await (await client.unload_model_async())
+            raise
+        return client
+
+    async def _run_like(self, run: TrainingRun) -> TrainingClient:
+        """A new LoRA run with the layout of ``run`` (all of it from our server, the rank from others)."""
         if isinstance(run.lora_config, LoraConfig):  # our server tells the whole layout
             layout = run.lora_config
-            client = await self.create_lora_training_client_async(
+            return await self.create_lora_training_client_async(
                 run.base_model,
                 rank=layout.rank,
                 seed=layout.seed,
@@ -252,21 +300,16 @@ class ServiceClient(QueueStateObserver):
                 train_attn=layout.train_attn,
                 train_unembed=layout.train_unembed,
             )
-        else:
-            client = await self.create_lora_training_client_async(run.base_model, rank=run.lora_rank)
-        try:
-            if optimizer:
-                loaded = await client.load_state_with_optimizer_async(path)
-            else:
-                loaded = await client.load_state_async(path)
-            await loaded
-        except BaseException:
-            # the run exists only for this restore: leave nothing loaded behind (as Tinkex does), then
-            # raise the load's own error; a failure to unload must not hide it
-            with contextlib.suppress(Exception):
-                await (await client.unload_model_async())
-            raise
-        return client
+        assert run.lora_rank is not None
+        return await self.create_lora_training_client_async(run.base_model, rank=run.lora_rank)
+
+    def _unload_once_created(self, creating: asyncio.Task[TrainingClient]) -> None:
+        """Done callback of a restore's run creation that was given up: unload the run if it was made."""
+        if creating.cancelled() or creating.exception() is not None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nobody is left to send it
+            unload = self._transport.spawn(creating.result()._unload_acknowledged())
+            unload.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     # ----------------------------------------------------------------------------------------- others
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import msgspec
 
 from . import _wire
+from ._checkpointing import CheckpointMethods
 from ._chunks import (
     MAX_CHUNK_LEN,
     MAX_CHUNK_NUMBER_COUNT,
@@ -40,12 +41,9 @@ from ._chunks import (
 from ._errors import APIError
 from ._futures import APIFuture, QueueStateObserver
 from ._http import Transport
-from ._loop import LoopBinding, LoopThread, blocking, mark_sync_form, on_client_loop, on_own_thread, submit
+from ._loop import LoopThread, blocking, mark_sync_form, on_client_loop, on_own_thread, submit
 from ._ordered import Body, RunRequests, Started
-from ._retry import RetryConfig
 from ._tokenizer import load_tokenizer
-from .concurrency import ConcurrencyController
-from .sampling import SamplingClient
 from .types import (
     AdamParams,
     Datum,
@@ -55,15 +53,10 @@ from .types import (
     ForwardRequest,
     GetInfoResponse,
     GradAccNormalization,
-    LoadWeightsRequest,
-    LoadWeightsResponse,
     LossFnType,
     ModelIdRequest,
     OptimStepRequest,
     OptimStepResponse,
-    SaveWeightsForSamplerResponse,
-    SaveWeightsRequest,
-    SaveWeightsResponse,
     UnloadModelResponse,
 )
 
@@ -86,7 +79,7 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------- the client
 
 
-class TrainingClient(QueueStateObserver):
+class TrainingClient(CheckpointMethods, QueueStateObserver):
     """A LoRA training run on the service: forward/backward passes, optimizer steps, checkpoints.
 
     Get one from ``ServiceClient.create_lora_training_client`` (or ``create_training_client_from_state``).
@@ -108,10 +101,6 @@ class TrainingClient(QueueStateObserver):
             transport, model_id, first_seq_id=first_seq_id, on_queue_state=self._observe_queue_state
         )
         self._tokenizer: asyncio.Future[PreTrainedTokenizerBase] | None = None
-
-    @property
-    def _binding(self) -> LoopBinding:
-        return self._transport.binding
 
     def __repr__(self) -> str:
         return f"TrainingClient(model_id={self.model_id!r}, base_model={self.base_model!r})"
@@ -270,89 +259,8 @@ class TrainingClient(QueueStateObserver):
     optim_step = submit(optim_step_async)
 
     # ----------------------------------------------------------------------------------------- weights
-
-    @on_client_loop
-    async def save_state_async(self, name: str) -> APIFuture[SaveWeightsResponse]:
-        """Save the training state (weights and optimizer) as checkpoint ``name``; the result has its path."""
-        body = SaveWeightsRequest(model_id=self.model_id, path=name)
-        return await self._orders.op("save_weights", body, SaveWeightsResponse, "SaveWeights")
-
-    save_state = submit(save_state_async)
-
-    @on_client_loop
-    async def load_state_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
-        """Load the weights of checkpoint ``path`` (``hpcai://...``) into this run.
-
-        The optimizer state is left out where the server lets the client choose (it lists ``load_optimizer``
-        in its capabilities); otherwise the server decides, as with the official client.
-        """
-        body = LoadWeightsRequest(model_id=self.model_id, path=path, optimizer=False)
-        return await self._orders.op("load_weights", body, LoadWeightsResponse, "LoadWeights")
-
-    load_state = submit(load_state_async)
-
-    @on_client_loop
-    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
-        """Load checkpoint ``path`` with its optimizer state, to resume training where it stopped."""
-        body = LoadWeightsRequest(model_id=self.model_id, path=path, optimizer=True)
-        return await self._orders.op("load_weights", body, LoadWeightsResponse, "LoadWeights")
-
-    load_state_with_optimizer = submit(load_state_with_optimizer_async)
-
-    @on_client_loop
-    async def save_weights_for_sampler_async(self, name: str) -> APIFuture[SaveWeightsForSamplerResponse]:
-        """Save sampler weights as checkpoint ``name``; sample from the returned path."""
-        body = SaveWeightsRequest(model_id=self.model_id, path=name)
-        return await self._orders.op(
-            "save_weights_for_sampler", body, SaveWeightsForSamplerResponse, "SaveWeightsForSampler"
-        )
-
-    save_weights_for_sampler = submit(save_weights_for_sampler_async)
-
-    @on_client_loop
-    async def save_weights_and_get_sampling_client_async(
-        self,
-        name: str,
-        retry_config: RetryConfig | None = None,
-        *,
-        concurrency_controller: ConcurrencyController | None = None,
-    ) -> SamplingClient:
-        """Save sampler weights as ``name``, wait for them, and return a SamplingClient for them."""
-        saved = await (await self.save_weights_for_sampler_async(name))
-        return self.create_sampling_client(
-            saved.path, retry_config, concurrency_controller=concurrency_controller
-        )
-
-    save_weights_and_get_sampling_client = blocking(save_weights_and_get_sampling_client_async)
-
-    def create_sampling_client(
-        self,
-        model_path: str,
-        retry_config: RetryConfig | None = None,
-        *,
-        concurrency_controller: ConcurrencyController | None = None,
-    ) -> SamplingClient:
-        """A SamplingClient for weights saved by this run (``hpcai://...``); ``retry_config``: its retries;
-        ``concurrency_controller``: how many of its samples are in flight at once."""
-        return SamplingClient(
-            self._transport,
-            model_path=model_path,
-            base_model=self.base_model,
-            retry_config=retry_config,
-            concurrency_controller=concurrency_controller,
-        )
-
-    async def create_sampling_client_async(
-        self,
-        model_path: str,
-        retry_config: RetryConfig | None = None,
-        *,
-        concurrency_controller: ConcurrencyController | None = None,
-    ) -> SamplingClient:
-        """Same as ``create_sampling_client`` (nothing to wait for)."""
-        return self.create_sampling_client(
-            model_path, retry_config, concurrency_controller=concurrency_controller
-        )
+    # save_state, load_state*, save_weights_for_sampler, list_checkpoints, resolve_checkpoint_path and the
+    # sampling clients come from CheckpointMethods (_checkpointing.py)
 
     def get_telemetry(self) -> None:
         """The official SDK's telemetry handle; this client sends no telemetry, so it is always None."""
@@ -416,6 +324,12 @@ class TrainingClient(QueueStateObserver):
         return await self._orders.op(
             "unload_model", ModelIdRequest(model_id=self.model_id), UnloadModelResponse, "UnloadModel"
         )
+
+    async def _unload_acknowledged(self) -> None:
+        """Send unload_model and return once the server has queued it, not once it ran (the run of a
+        restore that timed out goes after its still running load)."""
+        body = ModelIdRequest(model_id=self.model_id)
+        await self._orders.acknowledged("unload_model", body, UnloadModelResponse, "UnloadModel")
 
     # On the client's own loop the plain form is scheduled there (the cookbook calls it from __exit__ inside
     # async code): it runs after everything called before it, and nothing after an unload can matter.

@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,129 @@ def test_one_server_per_store(server_factory: Factory, tmp_path: Path) -> None:
     second = server_factory(store=store)  # the lock went with the first server
     assert not in_progress.exists()
     wire_test(second, still_works)
+
+
+# ------------------------------------------------------------------------------------------------ lifetimes
+
+
+async def save_for(w: Wire, model_id: str, name: str, ttl: int | None) -> str:
+    body: dict[str, Any] = {"model_id": model_id, "path": name}
+    if ttl is not None:
+        body["ttl_seconds"] = ttl
+    out = await w.call("save_weights", body)
+    assert "path" in out, out
+    return str(out["path"])
+
+
+def test_an_expired_checkpoint_is_out_of_reach_and_says_so(null_server: LocalServer) -> None:
+    assert null_server.store is not None
+
+    async def body(w: Wire) -> None:
+        model_id = await w.create()
+        path = await save_for(w, model_id, "s1", ttl=1)
+        folder = null_server.store.runs_dir / model_id / "checkpoints" / "s1_training"  # type: ignore[union-attr]
+        got = await reach(w, model_id, "s1_training", path)  # the delete at its end removes it: save again
+        assert got == {"listed": 1, "archive": 200, "load": 200, "delete": 204}, got
+        path = await save_for(w, model_id, "s1", ttl=1)
+        await asyncio.sleep(1.2)
+        assert folder.is_dir()  # nobody looked yet (the sweep runs every 30 s here)
+        got = await reach(w, model_id, "s1_training", path)
+        assert got == {"listed": 0, "archive": 404, "load": 404, "delete": 404}, got
+        assert not folder.exists()
+        for short in (path, path.replace("/weights/s1_training", "/training/s1")):  # either form of the path
+            status, out = await w.post("load_weights", {"model_id": model_id, "path": short})
+            assert status == 404 and out["code"] == "checkpoint_expired", out
+            assert "expired" in out["message"] and "ttl_seconds" in out["message"], out
+        assert str(null_server.store.root) not in out["message"]  # type: ignore[union-attr]
+
+    wire_test(null_server, body)
+
+
+def test_saving_again_without_a_ttl_keeps_the_checkpoint(null_server: LocalServer) -> None:
+    async def body(w: Wire) -> None:
+        model_id = await w.create()
+        await save_for(w, model_id, "s1", ttl=1)
+        path = await save_for(w, model_id, "s1", ttl=None)  # replaces it, to stay
+        await save_for(w, model_id, "s2", ttl=1)
+        await save_for(w, model_id, "s2", ttl=3600)  # a longer life
+        await asyncio.sleep(1.2)
+        assert null_server.store is not None and null_server.store.sweep() == 0
+        got = await reach(w, model_id, "s1_training", path)
+        assert got == {"listed": 1, "archive": 200, "load": 200, "delete": 204}, got
+        _, listing = await w.get(f"training_runs/{model_id}/checkpoints")
+        assert [c["checkpoint_id"] for c in listing["checkpoints"]] == ["s2_training"]
+
+    wire_test(null_server, body)
+
+
+def test_a_bad_ttl_is_refused_by_field_and_saves_nothing(null_server: LocalServer) -> None:
+    async def body(w: Wire) -> None:
+        model_id = await w.create()
+        for bad in (0, -5, 10 * 365 * 24 * 3600 + 1, 10**30, 1.5, "60", True, None, [60]):
+            for route in ("save_weights", "save_weights_for_sampler"):
+                payload = {"model_id": model_id, "path": "bad", "ttl_seconds": bad}
+                status, out = await w.post(route, payload)
+                assert status == 400 and "ttl_seconds" in out["message"], (bad, out)
+                assert len(out["message"]) < 400, out
+        status, out = await w.post(
+            "save_weights", {"model_id": model_id, "path": "x" * 500, "ttl_seconds": 5}
+        )
+        assert status == 400 and "path" in out["message"], out
+        _, listing = await w.get(f"training_runs/{model_id}/checkpoints")
+        assert listing["checkpoints"] == []
+        assert (await w.call("optim_step", adam_body(model_id)))["metrics"]["step:max"] == 1  # still fine
+
+    wire_test(null_server, body)
+
+
+def test_what_expired_while_no_server_ran_goes_when_the_store_opens(
+    server_factory: Factory, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    first = server_factory(store=store)
+
+    async def make(w: Wire) -> str:
+        model_id = await w.create()
+        await save_for(w, model_id, "brief", ttl=1)
+        await save_for(w, model_id, "kept", ttl=3600)
+        return model_id
+
+    model_id = wire_test(first, make)
+    first.close()
+    time.sleep(1.2)
+    ckpts = store / "runs" / model_id / "checkpoints"
+    assert (ckpts / "brief_training").is_dir()
+    server_factory(store=store)
+    assert not (ckpts / "brief_training").exists() and (ckpts / "kept_training").is_dir()
+
+
+def test_concurrent_lookups_of_an_expired_checkpoint_never_500(null_server: LocalServer) -> None:
+    assert null_server.store is not None
+    store = null_server.store
+
+    async def body(w: Wire) -> None:
+        model_id = await w.create()
+        base = f"/api/v1/training_runs/{model_id}/checkpoints"
+
+        async def touch(kind: int) -> int:
+            if kind == 0:
+                status, _ = await w.get(f"training_runs/{model_id}/checkpoints")
+                return status
+            method = w.session.delete if kind == 1 else w.session.get
+            url = f"{base}/s1_training" + ("/archive" if kind == 2 else "")
+            async with method(url, headers=w.headers) as resp:
+                await resp.read()
+                return resp.status
+
+        for _ in range(3):  # the race (several find it expired, one renames it first) needs a few tries
+            await save_for(w, model_id, "s1", ttl=1)
+            await asyncio.sleep(1.05)
+            sweeps = asyncio.gather(*(asyncio.to_thread(store.sweep) for _ in range(4)))
+            statuses = await asyncio.gather(*(touch(i % 3) for i in range(12)))
+            removed = sum(await sweeps)
+            assert set(statuses) <= {200, 404} and statuses[0::3] == [200] * 4, statuses
+            assert 404 in statuses and removed <= 1, statuses
+            assert not (store.runs_dir / model_id / "checkpoints" / "s1_training").exists()
+            assert list(store.tmp_dir.iterdir()) == []
+
+    wire_test(null_server, body)

@@ -48,6 +48,7 @@ FEATURES = [
     "loss:dro",
     "queue_duration",
     "topk_prompt_logprobs",
+    "ttl",
 ]
 # What each dialect advertises: "local" is ours (every extension); "hosted" advertises what the hosted HPC-AI
 # service does (none), so a client talks to it exactly as to the hosted service (benchmarks, compatibility).

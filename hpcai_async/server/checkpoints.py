@@ -1,12 +1,14 @@
 """The service's checkpoint rules: what a save is named and how it is written, and what a model may load.
 
-A save is named by its request (``path``, checked as one folder name) or automatically, and written into a
+A save is named by its request (``path``, checked as one folder name) or automatically, may be given a
+lifetime (``ttl_seconds``, 1 s to ten years: it expires that long after it was written), and is written into a
 fresh work folder that the store commits atomically or discards; a load must match the model's base model and
 LoRA layout, and loads optimizer state only from a training checkpoint.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import uuid
 from typing import Any
 
@@ -16,10 +18,23 @@ from .. import types
 from .._errors import BadRequestError
 from .._wire import shorten
 from .engine_api import EngineAPI, check_lora_match
+from .expiry import TTL_MAX_SECONDS
 from .scheduler import ModelState
 from .store import CheckpointMeta, Store, check_name, checkpoint_id_for, checkpoint_path_for, utcnow
 
-__all__ = ("check_loadable", "new_checkpoint", "save")
+__all__ = ("check_loadable", "check_ttl", "new_checkpoint", "save")
+
+
+def check_ttl(value: object) -> int | None:
+    """A save's ``ttl_seconds`` (None when not given), or BadRequestError saying what is allowed."""
+    if value is msgspec.UNSET or value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= TTL_MAX_SECONDS:
+        raise BadRequestError(
+            f"ttl_seconds: must be a whole number of seconds from 1 to {TTL_MAX_SECONDS} (ten years), got "
+            f"{shorten(value, 50)}; leave it out to keep the checkpoint until it is deleted"
+        )
+    return value
 
 
 def new_checkpoint(req: types.SaveWeightsRequest, model: ModelState, kind: str) -> CheckpointMeta:
@@ -29,6 +44,7 @@ def new_checkpoint(req: types.SaveWeightsRequest, model: ModelState, kind: str) 
     else:
         assert isinstance(req.path, str)
         name = check_name(req.path, "path")
+    ttl = check_ttl(req.ttl_seconds)
     ckpt_id = checkpoint_id_for(name, kind)
     return CheckpointMeta(
         checkpoint_id=ckpt_id,
@@ -39,6 +55,7 @@ def new_checkpoint(req: types.SaveWeightsRequest, model: ModelState, kind: str) 
         base_model=model.base_model,
         lora_config=model.lora_config,
         name=name,
+        ttl_seconds=ttl,
     )
 
 
@@ -66,7 +83,9 @@ def save(engine: EngineAPI, store: Store, meta: CheckpointMeta, kind: str) -> An
     work = store.new_work_dir()
     try:
         engine.save(meta.run_id, work, optimizer=kind == "training")
-        store.commit_checkpoint(work, msgspec.structs.replace(meta, time=utcnow()))  # the time it was saved
+        saved = utcnow()  # the time it was written: its lifetime starts now
+        expires = None if meta.ttl_seconds is None else saved + _dt.timedelta(seconds=meta.ttl_seconds)
+        store.commit_checkpoint(work, msgspec.structs.replace(meta, time=saved, expires=expires))
     except BaseException:
         store.discard_work_dir(work)
         raise

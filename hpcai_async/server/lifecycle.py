@@ -2,8 +2,10 @@
 
 ``build_app`` puts ``lifecycle(...)`` in the application's ``cleanup_ctx``: at startup it opens the store,
 starts the io threads and the scheduler (which builds the engine on its device thread) and publishes the
-``Service`` under ``SERVICE``; at cleanup it lets a running engine call finish and closes all of it in
-reverse. So any aiohttp runner -- ``LocalServer``'s, or ``web.run_app`` -- runs the whole server.
+``Service`` under ``SERVICE``; on each of the scheduler's expiry ticks (every 30 s at most) it writes the
+runs' request times and removes the checkpoints whose ``ttl_seconds`` ran out (``Store.sweep``); at cleanup
+it lets a running engine call finish and closes all of it in reverse. So any aiohttp runner --
+``LocalServer``'s, or ``web.run_app`` -- runs the whole server.
 """
 
 from __future__ import annotations
@@ -76,11 +78,12 @@ def lifecycle(
         io = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="hpcai-server-io")
         loop = asyncio.get_running_loop()
 
-        async def flush() -> None:
+        async def tick() -> None:
             await loop.run_in_executor(io, store.flush)
+            await loop.run_in_executor(io, store.sweep)
 
         try:
-            await scheduler.start(engine_factory, on_tick=flush)
+            await scheduler.start(engine_factory, on_tick=tick)
             app[SERVICE] = Service(scheduler, store, io, seq_ids=seq_ids, queue_duration=queue_duration)
             yield
         finally:

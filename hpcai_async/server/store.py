@@ -3,7 +3,7 @@
 Layout of a store folder (everything survives a restart; a new server on the same folder lists it all)::
 
     runs/{run_id}/run.json                                   base model, LoRA config, owner, times
-    runs/{run_id}/checkpoints/{checkpoint_id}/meta.json      kind, time, path, what the files hold
+    runs/{run_id}/checkpoints/{checkpoint_id}/meta.json      kind, time, path, expiry, what the files hold
     runs/{run_id}/checkpoints/{checkpoint_id}/...            the engine's files (safetensors + JSON)
     tmp/                                                     work folders; emptied when a store opens
     lock                                                     held (flock) by the one server using the store
@@ -25,6 +25,12 @@ One server per store: opening a store takes an exclusive lock on ``lock`` (which
 second server on the same folder fails at start with an error naming the first, instead of wiping its saves in
 progress. The lock ends with the process, however it ends.
 
+A checkpoint saved with ``ttl_seconds`` expires (``expiry.py``): from then on it is in no listing, cannot be
+loaded, sampled, downloaded or deleted (404 saying it expired), and its folder goes as a delete's does --
+renamed into ``tmp/`` under the store's lock (a save of the same name at that moment wins or loses whole),
+then removed. Whatever finds it expired removes it (a lookup, a listing), and the server's periodic sweep
+removes the ones nobody asked for (``Store.sweep``).
+
 Nothing outside the store is ever read, listed, archived, loaded or deleted through the server: links are
 never followed. A run or checkpoint folder that is a link, or a checkpoint holding a link anywhere inside, is
 not a checkpoint of this store (not listed, 404); archive files are opened with ``O_NOFOLLOW``. Error messages
@@ -34,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import os
 import shutil
 import tempfile
@@ -48,8 +53,17 @@ import msgspec
 
 from .. import types
 from .._errors import BadRequestError, NotFoundError
-from .._wire import _NAME_RE, _RUN_ID_RE, checkpoint_path_for, parse_checkpoint_path, shorten
+from .._wire import (
+    _NAME_RE,
+    _RUN_ID_RE,
+    checkpoint_id_for,
+    checkpoint_path_for,
+    parse_checkpoint_path,
+    shorten,
+)
 from .archive import iter_archive
+from .expiry import EXPIRED_CODE, Expiries, expired_error
+from .files import fsync_dir, fsync_tree, holds_link, is_real, lock_store, read_file, write_json_atomic
 
 __all__ = (
     "CheckpointMeta",
@@ -90,6 +104,11 @@ class CheckpointMeta(msgspec.Struct, kw_only=True):
     lora_config: types.LoraConfig
     name: str
     step: int | None = None
+    ttl_seconds: int | None = None  # saved with ttl_seconds ("ttl"): deleted at ``expires``
+    expires: _dt.datetime | None = None
+
+    def expired(self, now: _dt.datetime) -> bool:
+        return self.expires is not None and self.expires <= now
 
     def to_wire(self) -> types.Checkpoint:
         return types.Checkpoint(
@@ -107,11 +126,6 @@ class CheckpointRef(msgspec.Struct, frozen=True):
     directory: Path
 
 
-def checkpoint_id_for(name: str, kind: str) -> str:
-    """``initial`` + ``training`` -> ``initial_training`` (the hosted service's ids)."""
-    return f"{name}_{kind}"
-
-
 def check_name(name: str, field: str = "path") -> str:
     """A checkpoint name given by a user, or BadRequestError saying what is allowed."""
     if not _NAME_RE.fullmatch(name) or ".." in name:
@@ -124,82 +138,6 @@ def check_name(name: str, field: str = "path") -> str:
 
 _run_decoder = msgspec.json.Decoder(RunRecord)
 _meta_decoder = msgspec.json.Decoder(CheckpointMeta)
-_encoder = msgspec.json.Encoder()
-
-
-def _lock_store(path: Path) -> int:
-    """Take the store's lock (held until the returned descriptor closes), or say who holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
-        raise RuntimeError(
-            f"the store {path.parent} is in use by another server (pid {holder}): one server per store; "
-            "stop that server, or start this one with another --store"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _is_real(path: Path) -> bool:
-    """``path`` (under the resolved store root) is reached without following any link."""
-    return path.resolve() == path and not path.is_symlink()
-
-
-def _holds_link(directory: Path) -> str | None:
-    """The first link inside ``directory`` (relative name), or None; links are listed, never followed."""
-    for dirpath, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            if os.path.islink(os.path.join(dirpath, name)):
-                return os.path.relpath(os.path.join(dirpath, name), directory)
-    return None
-
-
-def _read_file(path: Path) -> bytes:
-    """The bytes of a regular file, refusing a link (``O_NOFOLLOW``: no race between check and open)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: object) -> None:
-    data = msgspec.json.format(_encoder.encode(obj), indent=2)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
 
 
 class Store:
@@ -214,7 +152,7 @@ class Store:
         self.runs_dir = self.root / "runs"
         self.tmp_dir = self.root / "tmp"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = _lock_store(self.root / "lock")
+        self._lock_fd: int | None = lock_store(self.root / "lock")
         # Leftovers of an interrupted save or delete: never valid checkpoints, so they go.
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -222,16 +160,22 @@ class Store:
         self._runs: dict[str, RunRecord] = {}
         self._dirty: set[str] = set()
         for run_dir in self.runs_dir.iterdir():
-            if not _is_real(run_dir) or not run_dir.is_dir():
+            if not is_real(run_dir) or not run_dir.is_dir():
                 continue  # a link (it could lead anywhere) or a stray file: not a run
             for orphan in run_dir.glob(".run.json.*.tmp"):  # a run.json write a crash interrupted
                 orphan.unlink(missing_ok=True)
             try:
-                run = _run_decoder.decode(_read_file(run_dir / "run.json"))
+                run = _run_decoder.decode(read_file(run_dir / "run.json"))
             except (OSError, msgspec.DecodeError, msgspec.ValidationError):
                 continue  # not a run (or a run.json from an interrupted first write): skip it
             if run.run_id == run_dir.name:
                 self._runs[run.run_id] = run
+        self.expiries = Expiries()
+        for run_id in list(self._runs):
+            for meta in self._metas(run_id):
+                if meta.expires is not None:
+                    self.expiries.saved((run_id, meta.checkpoint_id), meta.expires)
+        self.sweep()  # what expired while no server ran
 
     def close(self) -> None:
         self.flush()
@@ -246,7 +190,7 @@ class Store:
     def add_run(self, run: RunRecord) -> None:
         run_dir = self.runs_dir / run.run_id
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(run_dir / "run.json", run)
+        write_json_atomic(run_dir / "run.json", run)
         with self._lock:
             self._runs[run.run_id] = run
 
@@ -269,7 +213,7 @@ class Store:
             self._dirty.clear()
         for run in dirty:
             with contextlib.suppress(OSError):  # a best-effort timestamp; the run itself is already on disk
-                _write_json_atomic(self.runs_dir / run.run_id / "run.json", run)
+                write_json_atomic(self.runs_dir / run.run_id / "run.json", run)
 
     def list_runs(self, limit: int, offset: int) -> tuple[list[RunRecord], int]:
         """Runs newest first (by creation), ``limit`` of them from ``offset``; and the total count."""
@@ -300,7 +244,7 @@ class Store:
 
     def _run_dir(self, run_id: str) -> Path:
         run_dir = self.runs_dir / run_id
-        if not _RUN_ID_RE.fullmatch(run_id) or self.get_run(run_id) is None or not _is_real(run_dir):
+        if not _RUN_ID_RE.fullmatch(run_id) or self.get_run(run_id) is None or not is_real(run_dir):
             raise NotFoundError(
                 f"training run {run_id[:200]!r} does not exist on this server; list the runs with "
                 "GET /api/v1/training_runs"
@@ -313,8 +257,8 @@ class Store:
 
     def commit_checkpoint(self, work_dir: Path, meta: CheckpointMeta) -> None:
         """Make ``work_dir`` (filled by the engine) the checkpoint ``meta`` describes, atomically."""
-        _write_json_atomic(work_dir / "meta.json", meta)
-        _fsync_tree(work_dir)
+        write_json_atomic(work_dir / "meta.json", meta)
+        fsync_tree(work_dir)
         parent = self._run_dir(meta.run_id) / "checkpoints"
         parent.mkdir(exist_ok=True)
         dest = parent / meta.checkpoint_id
@@ -326,22 +270,28 @@ class Store:
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.rename(work_dir, dest)
-        _fsync_dir(parent)
+            self.expiries.saved((meta.run_id, meta.checkpoint_id), meta.expires)
+        fsync_dir(parent)
 
     def discard_work_dir(self, work_dir: Path) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
-    def list_checkpoints(self, run_id: str) -> list[types.Checkpoint]:
-        """The run's checkpoints, oldest first."""
-        parent = self._run_dir(run_id) / "checkpoints"
-        out: list[CheckpointMeta] = []
+    def _metas(self, run_id: str) -> list[CheckpointMeta]:
+        """The metadata of every checkpoint of the run, expired ones too, in no order."""
         try:
-            entries = list(parent.iterdir())
+            entries = list((self._run_dir(run_id) / "checkpoints").iterdir())
         except FileNotFoundError:
             return []
-        for entry in entries:
-            meta = self._read_meta(entry)
-            if meta is not None:
+        return [meta for entry in entries if (meta := self._read_meta(entry)) is not None]
+
+    def list_checkpoints(self, run_id: str) -> list[types.Checkpoint]:
+        """The run's checkpoints, oldest first; expired ones are removed instead of listed."""
+        now = utcnow()
+        out: list[CheckpointMeta] = []
+        for meta in self._metas(run_id):
+            if meta.expired(now):
+                self.expire(run_id, meta.checkpoint_id)
+            else:
                 out.append(meta)
         out.sort(key=lambda m: (m.time, m.checkpoint_id))
         return [m.to_wire() for m in out]
@@ -349,25 +299,31 @@ class Store:
     @staticmethod
     def _read_meta(directory: Path) -> CheckpointMeta | None:
         """The metadata of the checkpoint in ``directory``, or None if it is not one (or holds a link)."""
-        if not _is_real(directory) or _holds_link(directory) is not None:
+        if not is_real(directory) or holds_link(directory) is not None:
             return None
         try:
-            meta = _meta_decoder.decode(_read_file(directory / "meta.json"))
+            meta = _meta_decoder.decode(read_file(directory / "meta.json"))
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             return None
         return meta if meta.checkpoint_id == directory.name else None
 
     def get_checkpoint(self, run_id: str, checkpoint_id: str) -> CheckpointRef:
-        """The checkpoint ``checkpoint_id`` of ``run_id``, or NotFoundError naming what exists."""
+        """The checkpoint ``checkpoint_id`` of ``run_id``, or NotFoundError naming what exists (or saying
+        that it expired: then its folder is removed now, if no sweep did it yet)."""
         run_dir = self._run_dir(run_id)
         if _NAME_RE.fullmatch(checkpoint_id) and ".." not in checkpoint_id:
             directory = run_dir / "checkpoints" / checkpoint_id
             meta = self._read_meta(directory)
-            if meta is not None:
+            if meta is not None and meta.expired(utcnow()):
+                self.expire(run_id, checkpoint_id)
+            elif meta is not None:
                 return CheckpointRef(meta, directory)
         raise self._no_checkpoint(run_id, checkpoint_id)
 
     def _no_checkpoint(self, run_id: str, checkpoint_id: str) -> NotFoundError:
+        expired = self.expiries.gone((run_id, checkpoint_id))
+        if expired is not None:
+            return expired_error(run_id, checkpoint_id, expired)
         have = [c.checkpoint_id for c in self.list_checkpoints(run_id)]
         return NotFoundError(
             f"checkpoint {checkpoint_id[:200]!r} of run {run_id!r} does not exist; "
@@ -390,7 +346,9 @@ class Store:
             try:
                 ref = self.get_checkpoint(run_id, checkpoint_id_for(ckpt, kind))
             except NotFoundError as exc:
-                raise NotFoundError(f"{field}: {shorten(path)} does not exist: {exc.message}") from None
+                what = "expired" if exc.code == EXPIRED_CODE else "does not exist"
+                message = f"{field}: {shorten(path)} {what}: {exc.message}"
+                raise NotFoundError(message, code=exc.code) from None
         if ref.meta.checkpoint_type != kind:
             raise NotFoundError(
                 f"{field}: {shorten(path)} names a {kind} checkpoint but {ref.meta.checkpoint_id!r} is a "
@@ -404,12 +362,40 @@ class Store:
         try:
             with self._lock:
                 os.rename(ref.directory, trash)  # gone from listings at once; the files go below
+                self.expiries.removed((run_id, checkpoint_id))
         except FileNotFoundError:  # a concurrent delete of the same checkpoint won
             # raised outside the lock: building the message lists the run's checkpoints, which takes it
             raise self._no_checkpoint(run_id, checkpoint_id) from None
         shutil.rmtree(
             trash, ignore_errors=True
         )  # never follows links: a link inside is unlinked, not entered
+
+    # ------------------------------------------------------------------------------------------------- expiry
+
+    def expire(self, run_id: str, checkpoint_id: str) -> bool:
+        """Remove checkpoint ``checkpoint_id`` of ``run_id`` if it has expired (True if this call did).
+
+        The check and the rename are one step under the store's lock, so a save that replaces the
+        checkpoint meanwhile is never removed, and concurrent sweeps remove it once; the files go after."""
+        directory = self.runs_dir / run_id / "checkpoints" / checkpoint_id
+        trash = self.tmp_dir / f"exp-{uuid.uuid4().hex}"
+        with self._lock:
+            meta = self._read_meta(directory)
+            if meta is None or meta.expires is None or not meta.expired(utcnow()):
+                if meta is None or meta.expires is None:
+                    self.expiries.removed((run_id, checkpoint_id))  # gone, or saved again to stay
+                return False
+            try:
+                os.rename(directory, trash)
+            except FileNotFoundError:  # deleted meanwhile (by a delete, which holds no lock to read meta)
+                return False
+            self.expiries.removed((run_id, checkpoint_id), meta.expires)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def sweep(self) -> int:
+        """Remove every expired checkpoint (the server runs this periodically); the number removed."""
+        return sum(self.expire(run_id, ckpt) for run_id, ckpt in self.expiries.due(utcnow()))
 
     # ----------------------------------------------------------------------------------------------- archives
 

@@ -180,11 +180,15 @@ UnloadModelRequest = ModelIdRequest
 
 
 class SaveWeightsRequest(Struct, kw_only=True):
-    """Body of save_weights and save_weights_for_sampler (``path`` is the checkpoint name)."""
+    """Body of save_weights and save_weights_for_sampler (``path`` is the checkpoint name).
+
+    ``ttl_seconds`` (ours, server feature ``"ttl"``; Tinker and Fireworks have it too): the checkpoint is
+    deleted that many seconds after it was saved; sent only when given (never: the checkpoint is kept)."""
 
     model_id: str
     path: str | UnsetType = UNSET
     seq_id: int | UnsetType = UNSET
+    ttl_seconds: int | UnsetType = UNSET
 
 
 SaveWeightsForSamplerRequest = SaveWeightsRequest
