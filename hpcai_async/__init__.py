@@ -39,6 +39,7 @@ from ._errors import (
 from ._futures import APIFuture, QueueState
 from ._retry import RetryConfig
 from ._version import __version__
+from .reference import ReferenceClient
 from .rest import RestClient
 from .sampling import SamplingClient
 from .service import ServiceClient
@@ -102,6 +103,7 @@ __all__ = (
     "PermissionDeniedError",
     "QueueState",
     "RateLimitError",
+    "ReferenceClient",
     "RequestFailedError",
     "RestClient",
     "RetryBudgetExceededError",
