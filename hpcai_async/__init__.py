@@ -41,6 +41,7 @@ from ._retry import RetryConfig
 from ._version import __version__
 from .concurrency import AdaptiveConcurrencyController, ConcurrencyController, FixedConcurrencyController
 from .deployment import DeploymentSampler, SampledCompletion
+from .reference import ReferenceClient
 from .rest import RestClient
 from .sampling import SamplingClient
 from .service import ServiceClient
@@ -108,6 +109,7 @@ __all__ = (
     "PermissionDeniedError",
     "QueueState",
     "RateLimitError",
+    "ReferenceClient",
     "RequestFailedError",
     "RestClient",
     "RetryBudgetExceededError",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from ._create import FULL_PARAM_LAYOUT, create_run
 from ._deadline import Deadline
 from ._errors import APIError, ConfigurationError
 from ._futures import APIFuture, QueueStateObserver
@@ -19,17 +19,15 @@ from ._poll import POLL_READ_TIMEOUT
 from ._retry import DEFAULT_RETRY_TIMEOUT, RetryConfig, RetryPolicy
 from .concurrency import ConcurrencyController
 from .deployment import DeploymentSampler
+from .reference import ReferenceClient
 from .rest import RestClient
 from .sampling import SamplingClient
 from .training import TrainingClient
 from .types import (
-    CreateModelRequest,
-    CreateModelResponse,
     GetServerCapabilitiesResponse,
     LoadWeightsResponse,
     LoraConfig,
     TrainingRun,
-    UntypedAPIFuture,
 )
 
 __all__ = ("ServiceClient",)
@@ -96,6 +94,11 @@ class ServiceClient(QueueStateObserver):
             headers=default_headers,
             params=default_query,
         )
+
+        # training clients by (base_model, lora_rank): those create_training_client made (one per pair,
+        # as Fireworks allows), and the policy a reference client of that pair shares a run with
+        self._claimed: set[tuple[str, int]] = set()
+        self._policies: dict[tuple[str, int], TrainingClient] = {}
 
     @property
     def _binding(self) -> LoopBinding:
@@ -172,44 +175,105 @@ class ServiceClient(QueueStateObserver):
         train_mlp: bool = False,
         train_attn: bool = True,
         train_unembed: bool = False,
+        *,
+        user_metadata: Mapping[str, str] | None = None,
     ) -> TrainingClient:
         """Start a LoRA training run on ``base_model`` and return its TrainingClient.
 
         The defaults are the official SDK's method defaults (attention layers only), so a ported script
         trains the same adapters; ``types.LoraConfig``'s own field defaults differ (``train_mlp=True``).
+        ``user_metadata`` (upstream Tinker's; str to str) is kept with the run and shown in the run listing;
+        it needs the server feature ``user_metadata`` (the hosted service would refuse the field).
         """
         if not (train_mlp or train_attn or train_unembed):
             raise ConfigurationError("at least one of train_mlp, train_attn or train_unembed must be True")
+        if rank == 0:
+            raise ConfigurationError(
+                "rank=0 is not a LoRA rank; for full-parameter training use "
+                "create_training_client(base_model=..., lora_rank=0)"
+            )
         lora = LoraConfig(
             rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn, train_unembed=train_unembed
         )
-        # the capabilities (needed by the first training call) are fetched while the model is created
-        model_id, _ = await asyncio.gather(self._create_model(base_model, lora), self._transport.features())
-        return TrainingClient(self._transport, model_id, base_model)
+        client = await self._create(base_model, lora, user_metadata)
+        self._policies.setdefault((base_model, rank), client)
+        return client
 
     create_lora_training_client = blocking(create_lora_training_client_async)
 
-    async def _create_model(self, base_model: str, lora: LoraConfig) -> str:
-        started = time.monotonic()
-        body = CreateModelRequest(base_model=base_model, lora_config=lora)
-        transport = self._transport
-        await transport.features()  # which extensions the submit may use (fetched once per ServiceClient)
-        submitted = await transport.request(
-            "POST", "create_model", UntypedAPIFuture, body=body, headers=transport.submit_headers
-        )
-        created = await transport.poll(
-            submitted.request_id,
-            CreateModelResponse,
-            request_type="CreateModel",
-            roundtrip=time.monotonic() - started,
-            inline=submitted.result,
-            on_queue_state=self._observe_queue_state,
-        )
-        return created.model_id
+    async def _create(
+        self, base_model: str, lora: LoraConfig | None, user_metadata: Mapping[str, str] | None = None
+    ) -> TrainingClient:
+        return await create_run(self._transport, base_model, lora, user_metadata, self._observe_queue_state)
 
     def create_training_client(
-        self, model_id: str | None = None, base_model: str | None = None
+        self,
+        model_id: str | None = None,
+        base_model: str | None = None,
+        *,
+        lora_rank: int | None = None,
+        user_metadata: Mapping[str, str] | None = None,
     ) -> TrainingClient:
+        """The TrainingClient of the existing run ``model_id`` (hpcai's spelling; ``attach_training_client``),
+        or, with ``lora_rank`` (Fireworks' spelling), a new run on ``base_model``.
+
+        ``lora_rank=0`` trains every weight (full-parameter, server feature ``full_param``); a rank above 0
+        is a LoRA run with ``create_lora_training_client``'s defaults. One such run per (base_model,
+        lora_rank) on a ServiceClient: a second raises ValueError (``ConfigurationError``), as with
+        Fireworks (``create_lora_training_client`` makes as many as asked). ``user_metadata``: as there.
+        """
+        if lora_rank is None:
+            _attach_only(model_id, user_metadata)
+            return self.attach_training_client(model_id or "", base_model)
+        return self._create_training_client(
+            model_id, base_model, lora_rank=lora_rank, user_metadata=user_metadata
+        )
+
+    @on_client_loop
+    async def create_training_client_async(
+        self,
+        model_id: str | None = None,
+        base_model: str | None = None,
+        *,
+        lora_rank: int | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> TrainingClient:
+        """Same as ``create_training_client``, as a coroutine: it waits for the new run when it makes one."""
+        if lora_rank is None:
+            _attach_only(model_id, user_metadata)
+            return self.attach_training_client(model_id or "", base_model)
+        if model_id is not None or not base_model:
+            raise ConfigurationError(
+                "create_training_client with lora_rank creates a run: pass base_model= by keyword and no "
+                f"model_id (got model_id={model_id!r}, base_model={base_model!r}); attach to an existing run "
+                "with attach_training_client(model_id)"
+            )
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+            raise ConfigurationError(f"lora_rank: 0 (full-parameter) or a LoRA rank >= 1, got {lora_rank!r}")
+        key = (base_model, lora_rank)
+        if key in self._claimed:
+            raise ConfigurationError(
+                f"this ServiceClient already made a training client for base_model={base_model!r}, "
+                f"lora_rank={lora_rank} (one per pair, as Fireworks allows); use that one, or another "
+                "ServiceClient for a separate run"
+            )
+        self._claimed.add(key)  # before the first await: two concurrent calls cannot both pass
+        try:
+            if lora_rank == 0:
+                client = await self._create(base_model, FULL_PARAM_LAYOUT, user_metadata)
+            else:
+                client = await self.create_lora_training_client_async(
+                    base_model, rank=lora_rank, user_metadata=user_metadata
+                )
+        except BaseException:
+            self._claimed.discard(key)
+            raise
+        self._policies[key] = client
+        return client
+
+    _create_training_client = blocking(create_training_client_async)
+
+    def attach_training_client(self, model_id: str, base_model: str | None = None) -> TrainingClient:
         """A TrainingClient for an existing run ``model_id`` (no request is sent now).
 
         It continues the run's request sequence where it is (the server's ``next_seq_id``, read before its
@@ -217,10 +281,28 @@ class ServiceClient(QueueStateObserver):
         """
         if not model_id:
             raise ConfigurationError(
-                "create_training_client needs the model_id of an existing run; "
-                "start a new run with create_lora_training_client(base_model, rank=...)"
+                "attaching needs the model_id of an existing run; start a new run with "
+                "create_lora_training_client(base_model, rank=...) or "
+                "create_training_client(base_model=..., lora_rank=...)"
             )
         return TrainingClient(self._transport, model_id, base_model, first_seq_id=None)
+
+    @on_client_loop
+    async def create_reference_client_async(self, base_model: str, lora_rank: int = 0) -> ReferenceClient:
+        """A forward-only client of ``base_model`` as it is, for reference logprobs (Fireworks' method).
+
+        For a LoRA policy -- a training client of this (base_model, lora_rank) made on this ServiceClient --
+        it shares the policy's run with the adapter off, in turn with the policy's requests, and no second
+        copy of the base model is made; otherwise (a full-parameter policy, or none) it gets a frozen model
+        of its own, which the server refuses to train. Needs the server feature ``reference_forward``.
+        """
+        await self._transport.require("reference_forward", "create_reference_client")
+        policy = self._policies.get((base_model, lora_rank)) if lora_rank else None
+        if policy is not None:
+            return ReferenceClient(policy, policy=policy)
+        return ReferenceClient(await self._create(base_model, None))
+
+    create_reference_client = blocking(create_reference_client_async)
 
     @on_client_loop
     async def create_training_client_from_state_async(
@@ -259,9 +341,9 @@ class ServiceClient(QueueStateObserver):
         """A new run shaped like the checkpoint's, loaded from it; unloaded again if the load fails or the
         deadline passes (Tinkex: the temporary client is killed, nothing leaks)."""
         run = await deadline.bound(self.create_rest_client().get_training_run_by_checkpoint_path_async(path))
-        if not run.is_lora or run.lora_rank is None:
+        if run.is_lora and run.lora_rank is None:
             raise APIError(
-                f"training run {run.training_run_id} is not a LoRA run; cannot recreate it from {path}"
+                f"training run {run.training_run_id} names no LoRA rank; cannot recreate it from {path}"
             )
         creating = self._transport.spawn(self._run_like(run))
         try:
@@ -289,7 +371,10 @@ class ServiceClient(QueueStateObserver):
         return client
 
     async def _run_like(self, run: TrainingRun) -> TrainingClient:
-        """A new LoRA run with the layout of ``run`` (all of it from our server, the rank from others)."""
+        """A new run with the layout of ``run``: full-parameter (server feature ``full_param``), or LoRA
+        (all of the layout from our server, the rank from others)."""
+        if not run.is_lora:
+            return await self._create(run.base_model, FULL_PARAM_LAYOUT)
         if isinstance(run.lora_config, LoraConfig):  # our server tells the whole layout
             layout = run.lora_config
             return await self.create_lora_training_client_async(
@@ -374,3 +459,17 @@ class ServiceClient(QueueStateObserver):
     def create_rest_client(self) -> RestClient:
         """A RestClient for runs and checkpoints, on this client's session."""
         return RestClient(self._transport)
+
+
+def _attach_only(model_id: str | None, user_metadata: Mapping[str, str] | None) -> None:
+    """create_training_client without lora_rank attaches: it needs a model_id and takes no metadata."""
+    if user_metadata is not None:
+        raise ConfigurationError(
+            "user_metadata is kept when a run is created: pass lora_rank= with base_model= (or use "
+            "create_lora_training_client); create_training_client(model_id) attaches to an existing run"
+        )
+    if not model_id:
+        raise ConfigurationError(
+            "create_training_client needs the model_id of an existing run, or base_model= and lora_rank= "
+            "for a new one (lora_rank=0: full-parameter), or use create_lora_training_client(base_model)"
+        )

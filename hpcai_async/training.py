@@ -80,9 +80,11 @@ T = TypeVar("T")
 
 
 class TrainingClient(CheckpointMethods, QueueStateObserver):
-    """A LoRA training run on the service: forward/backward passes, optimizer steps, checkpoints.
+    """A training run on the service (LoRA, or full-parameter on our server): forward/backward passes,
+    optimizer steps, checkpoints.
 
-    Get one from ``ServiceClient.create_lora_training_client`` (or ``create_training_client_from_state``).
+    Get one from ``ServiceClient.create_lora_training_client``, ``create_training_client`` or
+    ``create_training_client_from_state``.
     Every operation is a coroutine ``x_async`` and a plain ``x``; training operations return an ``APIFuture``.
     """
 
@@ -112,13 +114,15 @@ class TrainingClient(CheckpointMethods, QueueStateObserver):
         chunks: list[list[Datum]],
         loss_fn: LossFnType,
         loss_fn_config: dict[str, float] | None = None,
+        reference: bool = False,
     ) -> list[Started[ForwardBackwardOutput]]:
         config = loss_fn_config if loss_fn_config else msgspec.UNSET
+        flag = True if reference else msgspec.UNSET
         started = []
         for i, chunk in enumerate(chunks):
             fb_input = ForwardBackwardInput(data=chunk, loss_fn=loss_fn, loss_fn_config=config)
             body: Body = (
-                ForwardRequest(forward_input=fb_input, model_id=self.model_id)
+                ForwardRequest(forward_input=fb_input, model_id=self.model_id, reference=flag)
                 if path == "forward"
                 else ForwardBackwardRequest(forward_backward_input=fb_input, model_id=self.model_id)
             )
@@ -136,12 +140,14 @@ class TrainingClient(CheckpointMethods, QueueStateObserver):
         data: Sequence[Datum],
         loss_fn: LossFnType,
         loss_fn_config: dict[str, float] | None = None,
+        reference: bool = False,
     ) -> APIFuture[ForwardBackwardOutput]:
+        """``reference`` (a ReferenceClient's forward): the run's base model, without what the run trained."""
         check_data(data)
         chunks = chunk_data(data)
-        needs = _wire.loss_features(loss_fn, loss_fn_config)
+        needs = _wire.loss_features(loss_fn, loss_fn_config) + (("reference_forward",) if reference else ())
         first = await self._orders.reserve(len(chunks), needs, path)
-        started = self._start_chunks(first, path, chunks, loss_fn, loss_fn_config)
+        started = self._start_chunks(first, path, chunks, loss_fn, loss_fn_config, reference)
         combined = self._transport.spawn(self._combined(started))
         await self._orders.submitted(started)
         return APIFuture(asyncio.get_running_loop(), combined)

@@ -52,6 +52,7 @@ def test_every_operation_has_a_plain_and_an_async_form_with_one_docstring() -> N
         hpcai_async.TrainingClient,
         hpcai_async.SamplingClient,
         hpcai_async.RestClient,
+        hpcai_async.ReferenceClient,
     ):
         for name in dir(cls):
             if name.endswith("_async") and not name.startswith("_"):

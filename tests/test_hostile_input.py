@@ -535,7 +535,7 @@ CASES: list[Case] = [
         "weight_decay",
     ),
     # ---- models, ordering, checkpoints
-    Case("rank 0", body("create_model", lambda c: lora(rank=0)), 400, "lora_config.rank"),
+    Case("rank -1", body("create_model", lambda c: lora(rank=-1)), 400, "lora_config.rank"),
     Case("rank 10**30", body("create_model", lambda c: lora(rank=10**30)), 400, "rank"),
     Case(
         "nothing to train",

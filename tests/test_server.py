@@ -778,7 +778,7 @@ def test_bad_input_is_400_naming_the_field_and_changes_nothing(null_server: Loca
         )
         await bad("optim_step", adam_body(model_id) | {"adam_params": {"beta1": 1.5}}, 400, "beta1")
         await bad("create_model", {"base_model": "gpt-9"}, 400, "gpt-9", NULL_MODEL)
-        await bad("create_model", {"base_model": NULL_MODEL, "lora_config": {"rank": 0}}, 400, "rank")
+        await bad("create_model", {"base_model": NULL_MODEL, "lora_config": {"rank": -1}}, 400, "rank")
         await bad("create_model", {"base_model": NULL_MODEL, "lora_config": {"rank": 100000}}, 400, "rank")
         no_flags = {"rank": 4, "train_mlp": False, "train_attn": False, "train_unembed": False}
         await bad("create_model", {"base_model": NULL_MODEL, "lora_config": no_flags}, 400, "train_attn")

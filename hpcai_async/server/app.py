@@ -49,6 +49,9 @@ FEATURES = [
     "queue_duration",
     "topk_prompt_logprobs",
     "ttl",
+    "full_param",  # create_model lora_config.rank 0: every weight trains (layout.py)
+    "reference_forward",  # forward reference: true, and create_model reference: true (a frozen model)
+    "user_metadata",  # create_model user_metadata, shown by the training-run listing
 ]
 # What each dialect advertises: "local" is ours (every extension); "hosted" advertises what the hosted HPC-AI
 # service does (none), so a client talks to it exactly as to the hosted service (benchmarks, compatibility).

@@ -5,7 +5,8 @@ start (with ``NullEngine``) where torch is not installed.
 
 Each ``check_*`` function is one request's rules; it raises ``BadRequestError`` naming the field and the fix,
 and returns the request in checked form (``Batch``, ``AdamStep``, a ``SampleJob`` with its prompt ids), so the
-device thread converts and scans nothing a second time.
+device thread converts and scans nothing a second time. The model layout rules (``check_lora``: LoRA or
+full-parameter) are ``layout``'s, exported here with the rest.
 
 Threading: the server calls ``validate_*``, ``supported_models``, ``has_model``, ``spec`` and ``has_run`` on
 its event loop (they must be quick: no model loading, no waiting on the engine's lock), and every other method
@@ -31,9 +32,20 @@ from msgspec import UnsetType
 from .. import _tensor, types
 from .._errors import BadRequestError
 from .engine.losses import LOSSES, Loss
+from .layout import (
+    FULL_PARAM,
+    MAX_LORA_RANK,
+    SEED_RANGE,
+    check_lora,
+    check_lora_match,
+    check_user_metadata,
+    describe_layout,
+)
+from .layout import check_seed as _check_seed
 from .models import ModelSpec
 
 __all__ = (
+    "FULL_PARAM",
     "MAX_LORA_RANK",
     "MAX_NUM_SAMPLES",
     "MAX_TOPK_PROMPT_LOGPROBS",
@@ -48,13 +60,13 @@ __all__ = (
     "check_lora_match",
     "check_loss_config",
     "check_sample",
+    "check_user_metadata",
+    "describe_layout",
     "non_finite",
 )
 
-MAX_LORA_RANK: Final = 256  # bounds one run's adapter and optimizer memory
 MAX_NUM_SAMPLES: Final = 256  # per request: bounds one request's share of a sampling batch
 MAX_TOPK_PROMPT_LOGPROBS: Final = 20  # vLLM's default max_logprobs: bounds the answer at 20 pairs per token
-SEED_RANGE: Final = (0, 2**63)  # seeds are non-negative int64 (torch.manual_seed and numpy both take them)
 _QUOTE: Final = 200  # characters of a bad value an error message quotes at most (DESIGN: ~200)
 _DTYPES: Final = {"int64": "<i8", "float32": "<f4"}  # the wire dtypes (PROTOCOL.md §5.2), little-endian
 
@@ -130,11 +142,20 @@ class EngineAPI(Protocol):
     ) -> Batch: ...
     def validate_sample(self, job: SampleJob) -> SampleJob: ...
 
-    def create_run(self, run_id: str, base_model: str, lora: types.LoraConfig) -> None: ...
+    def create_run(
+        self, run_id: str, base_model: str, lora: types.LoraConfig, *, frozen: bool = False
+    ) -> None:
+        """A run on ``base_model``: a LoRA adapter, or (``lora`` is ``FULL_PARAM``) all the weights, in a
+        copy of its own; ``frozen``: a forward-only run of the base model as it is (layout ``FULL_PARAM``)."""
+        ...
+
     def unload(self, run_id: str) -> None: ...
     def forward(
-        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str
-    ) -> types.ForwardBackwardOutput: ...
+        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str, *, reference: bool = False
+    ) -> types.ForwardBackwardOutput:
+        """Logprobs and losses; ``reference``: those of the run's base model without what the run trained."""
+        ...
+
     def forward_backward(
         self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str
     ) -> types.ForwardBackwardOutput: ...
@@ -377,39 +398,6 @@ def _check_stop(stop: Any, vocab_size: int) -> None:
             )
         if isinstance(item, str) and not item:
             raise BadRequestError(f"sampling_params.stop[{k}]: an empty stop string would stop at once")
-
-
-def _check_seed(seed: Any, what: str) -> None:
-    low, high = SEED_RANGE
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed < high):
-        raise BadRequestError(f"{what}: must be an integer in [0, 2**63), got {_quote(seed)}")
-
-
-def check_lora(lora: types.LoraConfig) -> None:
-    """A create_model's lora_config; BadRequestError naming the field."""
-    rank = lora.rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
-        raise BadRequestError(f"lora_config.rank: must be between 1 and {MAX_LORA_RANK}, got {_quote(rank)}")
-    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
-        raise BadRequestError(
-            "lora_config: train_attn, train_mlp and train_unembed are all false, so nothing would train; "
-            "set at least one to true"
-        )
-    _check_seed(lora.seed, "lora_config.seed")
-
-
-def check_lora_match(have: types.LoraConfig, want: types.LoraConfig, what: str) -> None:
-    """A checkpoint (LoRA ``want``) fits a model (LoRA ``have``): same rank and trained modules."""
-    mismatch = [
-        f"{name} {getattr(want, name)} (model has {getattr(have, name)})"
-        for name in ("rank", "train_attn", "train_mlp", "train_unembed")
-        if getattr(want, name) != getattr(have, name)
-    ]
-    if mismatch:
-        raise BadRequestError(
-            f"{what} has a different LoRA layout: {', '.join(mismatch)}; create the model with the "
-            "checkpoint's lora_config to load it"
-        )
 
 
 def check_adam(adam: types.AdamParams | AdamStep, normalization: Any = "none") -> AdamStep:

@@ -25,6 +25,7 @@ import numpy as np
 from .. import types
 from .._errors import BadRequestError, NotFoundError
 from .engine_api import (
+    FULL_PARAM,
     AdamStep,
     Batch,
     EngineAPI,
@@ -101,9 +102,11 @@ class NullEngine:
             data, loss_fn, vocab_size=_SPEC.vocab_size, max_context=_SPEC.max_context, config=config
         )
 
-    def create_run(self, run_id: str, base_model: str, lora: types.LoraConfig) -> None:
+    def create_run(
+        self, run_id: str, base_model: str, lora: types.LoraConfig, *, frozen: bool = False
+    ) -> None:
         self.spec(base_model)
-        check_lora(lora)
+        lora = FULL_PARAM if frozen else check_lora(lora)
         with self._lock:
             if run_id in self._runs:
                 raise BadRequestError(f"model {run_id!r} already exists")
@@ -115,7 +118,7 @@ class NullEngine:
             del self._runs[run_id]
 
     def forward(
-        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str
+        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str, *, reference: bool = False
     ) -> types.ForwardBackwardOutput:
         run = self._run(run_id)
         batch = data if isinstance(data, Batch) else self.validate_batch(run_id, data, loss_fn)
@@ -159,7 +162,7 @@ class NullEngine:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         save_file(
-            {"null.lora_A.weight": np.zeros((run.rank, 1), np.float32)},
+            {"null.lora_A.weight": np.zeros((max(run.rank, 1), 1), np.float32)},
             str(out / "adapter_model.safetensors"),
         )
         meta = {"null_engine": True, "base_model": run.base_model, "rank": run.rank, "steps": run.steps}

@@ -73,11 +73,13 @@ class _SampleBatch:
 
 @dataclass(eq=False, slots=True)
 class ModelState:
-    """A model created on this server: its base model, LoRA config, status and ordering state."""
+    """A model created on this server: its base model, layout (LoRA config; rank 0: full-parameter), status
+    and ordering state. ``frozen``: a forward-only reference model (create_model ``reference``)."""
 
     model_id: str
     base_model: str
     lora_config: types.LoraConfig
+    frozen: bool = False
     status: str = "creating"  # creating | ready | failed | unloading | unloaded
     failure: str = ""
     order: SeqOrder[_Job, Record] = field(init=False)

@@ -27,14 +27,13 @@ from .. import types
 from .._errors import APIError, BadRequestError, InternalServerError, NotFoundError
 from .._wire import shorten
 from . import checkpoints
-from .engine_api import EngineAPI, SampleJob, check_adam, check_lora
+from .engine_api import EngineAPI, SampleJob, check_adam
+from .layout import DEFAULT_LORA_RANK, check_create, check_trainable, is_lora
 from .ordering import ReleaseSeqRequest
 from .scheduler import ModelState, Record, Scheduler
 from .store import RunRecord, Store, utcnow
 
 __all__ = ("DEFAULT_LORA_RANK", "Call", "Service")
-
-DEFAULT_LORA_RANK = 32  # the SDK's create_lora_training_client default
 
 Prepare = Callable[[Any, ModelState], Callable[[], Any]]
 
@@ -172,14 +171,16 @@ class Service:
         if dup is not None:
             return dup
         self._check_base_model(req.base_model)
-        lora = req.lora_config or types.LoraConfig(rank=DEFAULT_LORA_RANK)
-        check_lora(lora)
+        lora, frozen, metadata = check_create(req)
         model_id, base_model = str(uuid.uuid4()), req.base_model
-        model = ModelState(model_id=model_id, base_model=base_model, lora_config=lora)
+        model = ModelState(model_id=model_id, base_model=base_model, lora_config=lora, frozen=frozen)
         self.scheduler.models[model_id] = model
         engine, store = self.engine, self.store
 
         def run() -> types.CreateModelResponse:
+            if frozen:  # a reference model is no training run: no record, nothing to list or resume
+                engine.create_run(model_id, base_model, lora, frozen=True)
+                return types.CreateModelResponse(model_id=model_id)
             engine.create_run(model_id, base_model, lora)
             now = utcnow()
             store.add_run(
@@ -190,6 +191,7 @@ class Service:
                     owner=owner,
                     created=now,
                     last_request_time=now,
+                    user_metadata=metadata,
                 )
             )
             return types.CreateModelResponse(model_id=model_id)
@@ -222,8 +224,8 @@ class Service:
         return types.GetInfoResponse(
             model_data=types.ModelData(arch=arch, model_name=base),
             model_id=model_id,
-            is_lora=True,
-            lora_rank=lora.rank,
+            is_lora=is_lora(lora),
+            lora_rank=lora.rank if is_lora(lora) else None,
             model_name=base,
             next_seq_id=model.order.next_seq_id if model is not None and self.seq_ids else None,
         )
@@ -280,8 +282,12 @@ class Service:
         engine = self.engine
 
         def prepare(req: Any, model: ModelState) -> Callable[[], Any]:
+            if backward:
+                check_trainable(model.model_id, model.frozen, "forward_backward")
             batch: types.ForwardBackwardInput = getattr(req, field)
             config = None if batch.loss_fn_config is msgspec.UNSET else batch.loss_fn_config
+            # "reference_forward": the run's base model without its training (passed on only when asked)
+            flags = {"reference": True} if getattr(req, "reference", False) is True else {}
 
             def check() -> Any:
                 try:
@@ -292,7 +298,9 @@ class Service:
             # A model still being created is not in the engine yet; its requests are checked when they run.
             checked = check() if engine.has_run(model.model_id) else None
             run = engine.forward_backward if backward else engine.forward
-            return lambda: run(model.model_id, checked if checked is not None else check(), batch.loss_fn)
+            return lambda: run(
+                model.model_id, checked if checked is not None else check(), batch.loss_fn, **flags
+            )
 
         return prepare
 
@@ -306,6 +314,7 @@ class Service:
         engine = self.engine
 
         def prepare(req: types.OptimStepRequest, model: ModelState) -> Callable[[], Any]:
+            check_trainable(model.model_id, model.frozen, "optim_step")
             mode = req.grad_accumulation_normalization
             p = check_adam(req.adam_params, "none" if mode is msgspec.UNSET else mode)
             return lambda: engine.optim_step(model.model_id, p)
@@ -318,6 +327,7 @@ class Service:
         engine, store = self.engine, self.store
 
         def prepare(req: types.SaveWeightsRequest, model: ModelState) -> Callable[[], Any]:
+            check_trainable(model.model_id, model.frozen, "save weights")
             meta = checkpoints.new_checkpoint(req, model, kind)
             return lambda: checkpoints.save(engine, store, meta, kind)
 
@@ -333,6 +343,7 @@ class Service:
         engine, store = self.engine, self.store
 
         def prepare(req: types.LoadWeightsRequest, model: ModelState) -> Callable[[], Any]:
+            check_trainable(model.model_id, model.frozen, "load weights")
             ref = store.resolve(req.path, "path")
             optimizer = checkpoints.check_loadable(req, ref.meta, model)
             directory, path = ref.directory, req.path

@@ -2,7 +2,7 @@
 
 Layout of a store folder (everything survives a restart; a new server on the same folder lists it all)::
 
-    runs/{run_id}/run.json                                   base model, LoRA config, owner, times
+    runs/{run_id}/run.json                                   base model, LoRA config, owner, times, metadata
     runs/{run_id}/checkpoints/{checkpoint_id}/meta.json      kind, time, path, expiry, what the files hold
     runs/{run_id}/checkpoints/{checkpoint_id}/...            the engine's files (safetensors + JSON)
     tmp/                                                     work folders; emptied when a store opens
@@ -64,6 +64,7 @@ from .._wire import (
 from .archive import iter_archive
 from .expiry import EXPIRED_CODE, Expiries, expired_error
 from .files import fsync_dir, fsync_tree, holds_link, is_real, lock_store, read_file, write_json_atomic
+from .layout import is_lora
 
 __all__ = (
     "CheckpointMeta",
@@ -90,6 +91,7 @@ class RunRecord(msgspec.Struct, kw_only=True):
     created: _dt.datetime
     last_request_time: _dt.datetime
     corrupted: bool = False
+    user_metadata: dict[str, str] | None = None
 
 
 class CheckpointMeta(msgspec.Struct, kw_only=True):
@@ -222,7 +224,9 @@ class Store:
         return runs[offset : offset + limit], len(runs)
 
     def training_run(self, run: RunRecord) -> types.TrainingRun:
+        """The run as the REST routes show it (a full-parameter run: is_lora false, lora_rank null)."""
         ckpts = self.list_checkpoints(run.run_id)
+        lora = is_lora(run.lora_config)
         last = {
             kind: next((c for c in reversed(ckpts) if c.checkpoint_type == kind), None)
             for kind in ("training", "sampler")
@@ -231,13 +235,14 @@ class Store:
             training_run_id=run.run_id,
             base_model=run.base_model,
             model_owner=run.owner,
-            is_lora=True,
+            is_lora=lora,
             corrupted=run.corrupted,
-            lora_rank=run.lora_config.rank,
-            lora_config=run.lora_config,
+            lora_rank=run.lora_config.rank if lora else None,
+            lora_config=run.lora_config if lora else msgspec.UNSET,
             last_request_time=run.last_request_time,
             last_checkpoint=last["training"],
             last_sampler_checkpoint=last["sampler"],
+            user_metadata=msgspec.UNSET if run.user_metadata is None else run.user_metadata,
         )
 
     # -------------------------------------------------------------------------------------------- checkpoints

@@ -153,6 +153,9 @@ class ForwardRequest(Struct, kw_only=True):
     forward_input: ForwardBackwardInput
     model_id: str
     seq_id: int | UnsetType = UNSET
+    # "reference_forward": True computes the run's base model without what the run trained (LoRA adapters
+    # off), in turn with the run's other requests; sent only when True
+    reference: bool | UnsetType = UNSET
 
 
 class ForwardBackwardRequest(Struct, kw_only=True):
@@ -202,9 +205,15 @@ class LoadWeightsRequest(Struct, kw_only=True):
 
 
 class CreateModelRequest(Struct, kw_only=True):
+    """``lora_config.rank`` 0 asks for full-parameter training (feature "full_param"; its other fields then
+    do not apply); ``reference`` for a forward-only model of the base model as it is ("reference_forward",
+    no ``lora_config``); ``user_metadata`` is kept with the run ("user_metadata", upstream Tinker's field)."""
+
     base_model: str
     lora_config: LoraConfig | None = None
     type: Literal["create_model"] = "create_model"
+    user_metadata: dict[str, str] | UnsetType = UNSET
+    reference: bool | UnsetType = UNSET
 
 
 class SampleRequest(Struct, kw_only=True):
@@ -422,6 +431,7 @@ class TrainingRun(Struct, kw_only=True):
     # Ours: the run's full LoRA layout, so a run recreated from a checkpoint gets the same target modules
     # (the hosted service sends only lora_rank; then the create_lora_training_client defaults apply).
     lora_config: LoraConfig | UnsetType = UNSET
+    user_metadata: dict[str, str] | UnsetType = UNSET  # ours and upstream Tinker's: given at creation
 
 
 class Cursor(Struct, kw_only=True):

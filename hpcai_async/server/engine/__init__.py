@@ -1,8 +1,10 @@
-"""The PyTorch LoRA engine: forward/backward, AdamW, checkpoints and batched sampling on shared base models.
+"""The PyTorch engine: forward/backward, AdamW, checkpoints and batched sampling, LoRA on shared base models
+and full-parameter runs on copies of their own.
 
 ``Engine`` (in ``facade``) is the one class the server sees; it implements ``engine_api.EngineAPI`` with:
 
 - ``adapters``: base models, the runs' PEFT adapters (inject / activate / delete) and the sampler cache;
+- ``full``: full-parameter runs (a copy of the base model each) and the cache of full-weight samplers;
 - ``losses``: the loss registry (one function per loss, with its required inputs);
 - ``training``: the forward/backward pass, the AdamW step and the guard against non-finite state;
 - ``sampling``: rows, prefill, decode steps and stop checks;

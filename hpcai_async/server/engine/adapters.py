@@ -1,4 +1,5 @@
-"""LoRA adapters on shared base models: the base model, PEFT inject / activate / delete, the sampler cache.
+"""LoRA adapters on shared base models: the base model, the run, PEFT inject / activate / delete, the sampler
+cache. (Full-parameter runs, which hold a copy of the base model of their own, are ``full``'s.)
 
 One frozen base model is loaded per base name (lazily, on first use) and shared by every run on it. Each run
 owns one PEFT LoRA adapter injected into that model (``peft.functional``: inject / set_adapter /
@@ -76,14 +77,17 @@ class Base:
 
 @dataclass(slots=True)
 class Run:
-    """A training run: its adapter on a base model, its parameters and its optimizer."""
+    """A run: its weights, its parameters and its optimizer. The weights are a LoRA ``adapter`` on the shared
+    ``base``, or (full-parameter, ``adapter`` None) every weight of ``base``, a copy the run holds
+    (``full``), or none (``frozen``: forward-only, on the shared base)."""
 
     run_id: str
     base: Base
-    adapter: str
+    adapter: str | None
     lora: types.LoraConfig
     targets: tuple[str, ...]
     params: list[tuple[str, Any]]  # (checkpoint key, Parameter), in a fixed order
+    frozen: bool = False
     optimizer: Any = None  # torch.optim.AdamW, created by the first optim_step
     steps: int = 0
     loss_sum: float = 0.0  # since the last optim_step, for recent_loss:mean

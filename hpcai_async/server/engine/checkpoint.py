@@ -1,9 +1,12 @@
 """The checkpoint file format: what a saved folder holds, how it is written, read and checked.
 
-A checkpoint is a folder with ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's layout,
-loadable with ``PeftModel.from_pretrained``), ``engine.json`` (format, base model, LoRA config, steps) and,
-for training checkpoints, ``optimizer.safetensors`` (``<param>.exp_avg`` / ``<param>.exp_avg_sq``; the step
-is in engine.json). Every reader checks the whole folder before the caller changes anything.
+A LoRA checkpoint is a folder with ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's layout,
+loadable with ``PeftModel.from_pretrained``); a full-parameter one (format ``FULL_FORMAT``) holds
+``model.safetensors`` (every parameter, by its name in the model) + the base model's ``config.json``
+(loadable with ``AutoModelForCausalLM.from_pretrained``). Both have ``engine.json`` (format, base model, LoRA
+config or null, steps) and, for training checkpoints, ``optimizer.safetensors`` (``<param>.exp_avg`` /
+``<param>.exp_avg_sq``; the step is in engine.json). Every reader checks the whole folder before the caller
+changes anything.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ __all__ = (
     "ADAPTER_FILE",
     "CHECKPOINT_FORMAT",
     "ENGINE_FILE",
+    "FULL_FILE",
+    "FULL_FORMAT",
     "OPTIMIZER_FILE",
     "check_finite",
     "check_layout",
+    "is_full",
     "read_checkpoint",
     "read_meta",
     "read_optimizer",
@@ -31,7 +37,10 @@ __all__ = (
 )
 
 CHECKPOINT_FORMAT: Final = "hpcai-async-lora/1"
+FULL_FORMAT: Final = "hpcai-async-full/1"
 ADAPTER_FILE: Final = "adapter_model.safetensors"
+FULL_FILE: Final = "model.safetensors"
+_WEIGHTS: Final = {CHECKPOINT_FORMAT: ADAPTER_FILE, FULL_FORMAT: FULL_FILE}  # format -> weights file
 OPTIMIZER_FILE: Final = "optimizer.safetensors"
 ENGINE_FILE: Final = "engine.json"
 PEFT_CONFIG_FILE: Final = "adapter_config.json"
@@ -42,12 +51,12 @@ def _bad(message: str) -> BadRequestError:
 
 
 def check_layout(what: str, tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> None:
-    """The LoRA layout rule: exactly the expected keys, each with the expected shape."""
+    """The layout rule: exactly the expected keys (adapter or model parameters), each with its shape."""
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise _bad(f"{what} do not match the model's LoRA layout ({detail})")
+        raise _bad(f"{what} do not match the model's layout ({detail})")
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise _bad(f"{what}: {key} has shape {list(tensors[key].shape)}, expected {list(shape)}")
@@ -62,17 +71,25 @@ def check_finite(what: str, tensors: Mapping[str, Any]) -> None:
         raise _bad(f"{what} hold NaN or infinite values; the checkpoint is damaged")
 
 
+def is_full(directory: Path) -> bool:
+    """Whether the folder holds a full-parameter checkpoint (no file is read)."""
+    return (directory / FULL_FILE).is_file()
+
+
 def read_meta(directory: Path, base_model: str | None = None) -> dict[str, Any]:
     """engine.json of a checkpoint folder (for ``base_model``, when given); no tensor is read."""
     path = directory / ENGINE_FILE
-    if not path.is_file() or not (directory / ADAPTER_FILE).is_file():
+    if not path.is_file() or not any((directory / f).is_file() for f in _WEIGHTS.values()):
         raise _bad(f"{directory} is not a checkpoint of this server (no {ENGINE_FILE} / {ADAPTER_FILE})")
     try:
         meta: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise _bad(f"cannot read {path}: {exc}") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    weights = _WEIGHTS.get(str(meta.get("format")))
+    if weights is None:
         raise _bad(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    if not (directory / weights).is_file():
+        raise _bad(f"{directory} is not a complete checkpoint (no {weights})")
     if base_model is not None and meta.get("base_model") != base_model:
         raise _bad(
             f"weights at {directory} are for base model {meta.get('base_model')!r}, not {base_model!r}"
@@ -81,9 +98,9 @@ def read_meta(directory: Path, base_model: str | None = None) -> dict[str, Any]:
 
 
 def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(engine.json, adapter tensors) of a checkpoint folder."""
+    """(engine.json, weight tensors: the adapter's or the full model's) of a checkpoint folder."""
     meta = read_meta(directory)
-    return meta, _load_safetensors(directory / ADAPTER_FILE)
+    return meta, _load_safetensors(directory / _WEIGHTS[meta["format"]])
 
 
 def read_optimizer(
@@ -127,41 +144,51 @@ def write_checkpoint(
     *,
     base_model: str,
     arch: str,
-    lora: types.LoraConfig,
+    lora: types.LoraConfig | None,
     targets: tuple[str, ...],
     steps: int,
     weights: Mapping[str, Any],
     optimizer: tuple[Mapping[str, Any], int] | None,
+    config: Path | None = None,
 ) -> None:
-    """Write a checkpoint folder: CPU float32 ``weights`` by PEFT key, and (moments, step) when training."""
+    """Write a checkpoint folder: CPU float32 ``weights`` (by PEFT key for a LoRA run, by parameter name for a
+    full-parameter one, ``lora`` None, whose base model's ``config`` is copied too) and (moments, step) when
+    training."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file(dict(weights), str(out / ADAPTER_FILE), metadata={"format": "pt"})
+    save_file(dict(weights), str(out / (ADAPTER_FILE if lora else FULL_FILE)), metadata={"format": "pt"})
     opt_meta: dict[str, Any] | None = None
     if optimizer is not None:
         moments, step = optimizer
         save_file(dict(moments), str(out / OPTIMIZER_FILE), metadata={"format": "pt"})
         opt_meta = {"type": "adamw", "step": step}
     meta = {
-        "format": CHECKPOINT_FORMAT,
+        "format": CHECKPOINT_FORMAT if lora else FULL_FORMAT,
         "base_model": base_model,
         "arch": arch,
-        "lora": {
-            "rank": lora.rank,
-            "alpha": lora.rank,
-            "seed": lora.seed,
-            "train_attn": lora.train_attn,
-            "train_mlp": lora.train_mlp,
-            "train_unembed": lora.train_unembed,
-        },
+        "lora": _lora_meta(lora) if lora else None,
         "target_modules": list(targets),
         "steps": steps,
         "optimizer": opt_meta,
     }
     (out / ENGINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    peft = _peft_config(base_model, lora.rank, targets)
-    (out / PEFT_CONFIG_FILE).write_text(json.dumps(peft, indent=2) + "\n")
+    if lora:
+        peft = _peft_config(base_model, lora.rank, targets)
+        (out / PEFT_CONFIG_FILE).write_text(json.dumps(peft, indent=2) + "\n")
+    elif config is not None and config.is_file():
+        (out / "config.json").write_bytes(config.read_bytes())
+
+
+def _lora_meta(lora: types.LoraConfig) -> dict[str, Any]:
+    return {
+        "rank": lora.rank,
+        "alpha": lora.rank,
+        "seed": lora.seed,
+        "train_attn": lora.train_attn,
+        "train_mlp": lora.train_mlp,
+        "train_unembed": lora.train_unembed,
+    }
 
 
 def _peft_config(base_model: str, rank: int, targets: tuple[str, ...]) -> dict[str, Any]:

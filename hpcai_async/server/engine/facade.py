@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ... import types
 from ..._errors import BadRequestError, ConfigurationError, NotFoundError
 from ..engine_api import (
+    FULL_PARAM,
     AdamStep,
     Batch,
     EngineAPI,
@@ -27,7 +29,7 @@ from ..engine_api import (
     check_sample,
 )
 from ..models import BUILTIN_NAME, ModelSpec, quiet, resolve_model
-from . import checkpoint, sampling, training
+from . import checkpoint, full, sampling, training
 from .adapters import Base, Run, adapter_params, delete_adapter, inject, sampler_adapter, targets
 
 __all__ = ("Engine",)
@@ -38,7 +40,7 @@ def _bad(message: str) -> BadRequestError:
 
 
 class Engine:
-    """LoRA training and sampling on local base models; implements ``engine_api.EngineAPI``.
+    """LoRA and full-parameter training, and sampling, on local base models (``engine_api.EngineAPI``).
 
     ``models``: base models served next to the built-in one (folders holding config.json, or repo ids in the
     local Hugging Face cache). ``device``: "cpu", "cuda", "cuda:1" …; default cuda when available. Base models
@@ -68,6 +70,7 @@ class Engine:
             self._specs[resolved.name] = resolved
         self._bases: dict[str, Base] = {}
         self._runs: dict[str, Run] = {}
+        self._full_samplers: OrderedDict[str, Base] = OrderedDict()  # full.sampler_model's LRU
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------------------------------------- metadata
@@ -101,10 +104,16 @@ class Engine:
             type="get_info",
             model_data=types.ModelData(arch=spec.arch, model_name=spec.name),
             model_id=run_id,
-            is_lora=True,
-            lora_rank=run.lora.rank,
+            is_lora=run.adapter is not None,
+            lora_rank=run.lora.rank if run.adapter is not None else None,
             model_name=spec.name,
         )
+
+    def loaded_models(self) -> int:
+        """The base-model copies in memory: the shared ones, the full-parameter runs' and samplers'."""
+        with self._lock:
+            own = sum(1 for r in self._runs.values() if r.adapter is None and not r.frozen)
+            return len(self._bases) + own + len(self._full_samplers)
 
     # ------------------------------------------------------------------------------------------- validation
 
@@ -143,13 +152,23 @@ class Engine:
             raise NotFoundError(f"model {run_id!r} is not loaded on this server", code="not_found")
         return run
 
-    def create_run(self, run_id: str, base_model: str, lora: types.LoraConfig) -> None:
-        """Add a LoRA adapter for ``run_id`` on ``base_model`` (B = 0: it starts as the base model)."""
+    def create_run(
+        self, run_id: str, base_model: str, lora: types.LoraConfig, *, frozen: bool = False
+    ) -> None:
+        """Add a run on ``base_model``, which starts as the base model: a LoRA adapter (B = 0), a copy of
+        the model (``lora`` rank 0: full-parameter) or, ``frozen``, the shared base model (forward only)."""
         with self._lock:
             if run_id in self._runs:
                 raise _bad(f"model {run_id!r} already exists")
-            self.spec(base_model)
-            check_lora(lora)
+            spec = self.spec(base_model)
+            lora = FULL_PARAM if frozen else check_lora(lora)
+            if frozen or lora.rank == 0:
+                self._runs[run_id] = (
+                    Run(run_id, self._base(base_model), None, lora, (), [], frozen=True)
+                    if frozen
+                    else full.new_run(run_id, spec, self.device)
+                )
+                return
             modules = targets(lora)
             base = self._base(base_model)
             seed = lora.seed if lora.seed is not None else secrets.randbits(63)
@@ -168,7 +187,7 @@ class Engine:
         """Drop the run's adapter, gradients and optimizer (checkpoints on disk are not touched)."""
         with self._lock:
             run = self._runs.pop(run_id, None)
-            if run is not None:
+            if run is not None and run.adapter is not None:
                 delete_adapter(run.base, run.adapter)
 
     def close(self) -> None:
@@ -176,6 +195,7 @@ class Engine:
         with self._lock:
             self._runs.clear()
             self._bases.clear()
+            self._full_samplers.clear()
             if self.device.startswith("cuda"):
                 import torch
 
@@ -184,10 +204,11 @@ class Engine:
     # ----------------------------------------------------------------------------------------------- training
 
     def forward(
-        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str
+        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str, *, reference: bool = False
     ) -> types.ForwardBackwardOutput:
-        """Logprobs and losses of ``data`` without touching gradients."""
-        return self._pass(run_id, data, loss_fn, backward=False)
+        """Logprobs and losses of ``data`` without touching gradients; ``reference``: those of the run's base
+        model, without what the run trained (the shared base with every adapter off: no copy)."""
+        return self._pass(run_id, data, loss_fn, backward=False, reference=reference)
 
     def forward_backward(
         self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str
@@ -196,16 +217,30 @@ class Engine:
         return self._pass(run_id, data, loss_fn, backward=True)
 
     def _pass(
-        self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str, *, backward: bool
+        self,
+        run_id: str,
+        data: Sequence[types.Datum] | Batch,
+        loss_fn: str,
+        *,
+        backward: bool,
+        reference: bool = False,
     ) -> types.ForwardBackwardOutput:
         with self._lock:
+            run = self._trainable(run_id, "forward_backward") if backward else self._run(run_id)
             batch = data if isinstance(data, Batch) else self.validate_batch(run_id, data, loss_fn)
-            return training.forward_pass(self._run(run_id), batch, backward=backward)
+            shared = self._base(run.base.loaded.spec.name) if reference or run.frozen else None
+            return training.forward_pass(run, batch, backward=backward, model=shared)
+
+    def _trainable(self, run_id: str, what: str) -> Run:
+        run = self._run(run_id)
+        if run.frozen:
+            raise _bad(f"model {run_id!r} is a forward-only reference model: it has no weights to {what}")
+        return run
 
     def optim_step(self, run_id: str, adam: types.AdamParams | AdamStep) -> types.OptimStepResponse:
         """One AdamW step on the accumulated gradients (missing gradients count as zero), then clear them."""
         with self._lock:
-            run = self._run(run_id)
+            run = self._trainable(run_id, "optim_step")
             return training.optim_step(run, check_adam(adam))
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -215,7 +250,7 @@ class Engine:
         import torch
 
         with self._lock:
-            run = self._run(run_id)
+            run = self._trainable(run_id, "save")
             weights = {key: p.detach().to("cpu", torch.float32).contiguous() for key, p in run.params}
             opt: tuple[dict[str, Any], int] | None = None
             if optimizer:
@@ -234,11 +269,12 @@ class Engine:
                 Path(directory),
                 base_model=spec.name,
                 arch=spec.arch,
-                lora=run.lora,
+                lora=run.lora if run.adapter is not None else None,
                 targets=run.targets,
                 steps=run.steps,
                 weights=weights,
                 optimizer=opt,
+                config=spec.path / "config.json",
             )
 
     def load(self, run_id: str, directory: str | Path, *, optimizer: bool = False) -> None:
@@ -249,7 +285,7 @@ class Engine:
         the same trajectory; a checkpoint without optimizer state is an error), otherwise it starts fresh.
         """
         with self._lock:
-            run = self._run(run_id)
+            run = self._trainable(run_id, "load")
             directory = Path(directory)
             meta, weights = checkpoint.read_checkpoint(directory)
             self._check_compatible(run, meta)
@@ -273,6 +309,9 @@ class Engine:
                 f"{spec.name!r}; load it into a model created on {meta.get('base_model')!r}"
             )
         lora = meta.get("lora") or {}
+        if meta.get("format") == checkpoint.FULL_FORMAT:
+            check_lora_match(run.lora, FULL_PARAM, "the checkpoint")
+            return
         try:
             saved = types.LoraConfig(
                 rank=lora["rank"],
@@ -305,8 +344,12 @@ class Engine:
             return [results[i] for i in range(len(jobs))]
 
     def _sample_group(self, jobs: list[SampleJob]) -> list[types.SampleResponse]:
-        base = self._base(jobs[0].base_model)
         adapter_dir = jobs[0].adapter_dir
+        if adapter_dir is not None and checkpoint.is_full(Path(adapter_dir)):
+            spec = self.spec(jobs[0].base_model)
+            model = full.sampler_model(self._full_samplers, spec, self.device, Path(adapter_dir))
+            return sampling.sample_group(model, jobs, lambda: self._tokenizer(model))
+        base = self._base(jobs[0].base_model)
         adapter = sampler_adapter(base, Path(adapter_dir)) if adapter_dir is not None else None
         base.activate((adapter,) if adapter else (), train=False)
         return sampling.sample_group(base, jobs, lambda: self._tokenizer(base))

@@ -1,4 +1,5 @@
-"""Training steps on a run's adapter: the forward/backward pass, the AdamW step, and the finiteness guard.
+"""Training steps on a run's weights (its LoRA adapter, or every weight of a full-parameter run): the
+forward/backward pass, the AdamW step, and the finiteness guard.
 
 Losses are sum-reduced over tokens and datums (PROTOCOL.md §5.3); ``elementwise_loss`` is the per-token term
 of the loss (``losses``). ``loss:mean`` = Σ elementwise / the loss's denominator; 0.0 when it is 0.
@@ -15,7 +16,8 @@ default) not at all; a count of 0 leaves it as it is. Then ``grad_clip_norm > 0`
 Guard: a step that would leave a weight, a gradient or an Adam moment NaN or infinite (or a weight so large
 that the LoRA product B·A overflows float32) is refused (``engine_api.non_finite``) and leaves the run bit
 for bit as it was. One fused max-abs reduction (``torch._foreach_norm(·, inf)``) per step checks it;
-optim_step keeps a copy of the adapter's state (LoRA-sized) to put back when it refuses.
+optim_step keeps a copy of the run's state (LoRA-sized; model-sized for a full-parameter run) to put back when
+it refuses.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from ... import types
 from ..engine_api import AdamStep, Batch, non_finite
-from .adapters import Run
+from .adapters import Base, Run
 from .losses import LOSSES
 
 __all__ = ("MAX_WEIGHT", "forward_pass", "optim_step", "target_logprobs")
@@ -77,13 +79,21 @@ def _max_abs(tensors: list[Any]) -> float:
         return float(torch.stack(torch._foreach_norm(tensors, math.inf)).max())
 
 
-def forward_pass(run: Run, batch: Batch, *, backward: bool) -> types.ForwardBackwardOutput:
+def forward_pass(
+    run: Run, batch: Batch, *, backward: bool, model: Base | None = None
+) -> types.ForwardBackwardOutput:
     """Logprobs and losses of ``batch``; with ``backward`` the gradient of the summed loss is added to the
-    adapter's ``.grad`` (refused, with nothing added, when the loss or the gradients are not finite)."""
+    run's ``.grad`` (refused, with nothing added, when the loss or the gradients are not finite).
+
+    ``model``: compute with this shared base model, every adapter off, instead of the run's weights (the
+    reference forward; no backward)."""
     import torch
 
-    base = run.base
-    base.activate((run.adapter,), train=True)
+    base = model or run.base
+    if model is not None:
+        base.activate((), train=False)
+    elif run.adapter is not None:
+        base.activate((run.adapter,), train=True)
     tensors = pad_batch(batch, base.loaded.pad_token_id, base.loaded.device)
     pending = [p.grad for _, p in run.params]
     with torch.enable_grad() if backward else torch.inference_mode():
@@ -187,7 +197,7 @@ def optim_step(run: Run, adam: AdamStep) -> types.OptimStepResponse:
         _restore_state(run, saved)
         raise non_finite(
             f"optim_step refused: with learning_rate {adam.learning_rate:g} the update would make the "
-            f"adapter weights or the Adam moments non-finite (or weights beyond {MAX_WEIGHT:.3g}, where "
+            f"weights or the Adam moments non-finite (or weights beyond {MAX_WEIGHT:.3g}, where "
             "the LoRA product overflows float32); lower the learning rate or set grad_clip_norm. "
             "Nothing was applied"
         )

@@ -1,0 +1,68 @@
+"""Creating runs: the create_model request for a LoRA, full-parameter or reference model, its feature
+checks (nothing is sent to a server that lacks one) and the wait for the new model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from ._futures import QueueState
+from ._http import Transport
+from .training import TrainingClient
+from .types import CreateModelRequest, CreateModelResponse, LoraConfig, UntypedAPIFuture
+
+__all__ = ("FULL_PARAM_LAYOUT", "create_model", "create_run")
+
+# create_model's lora_config for full-parameter training (server feature "full_param"): rank 0
+FULL_PARAM_LAYOUT: Final = LoraConfig(rank=0)
+
+
+async def create_run(
+    transport: Transport,
+    base_model: str,
+    lora: LoraConfig | None,
+    user_metadata: Mapping[str, str] | None,
+    on_queue_state: Callable[[str | QueueState], None],
+) -> TrainingClient:
+    """A new run and its TrainingClient: LoRA, full-parameter (``lora.rank`` 0: feature ``full_param``) or,
+    ``lora`` None, a frozen reference model (``reference_forward``); ``user_metadata`` needs its feature."""
+    body = CreateModelRequest(base_model=base_model, lora_config=lora)
+    needs = []
+    if lora is None:
+        body.reference, what = True, "create_reference_client"
+        needs.append("reference_forward")
+    elif lora.rank == 0:
+        needs.append("full_param")
+        what = "full-parameter training (lora_rank=0)"
+    else:
+        what = "create_lora_training_client"
+    if user_metadata is not None:
+        body.user_metadata = dict(user_metadata)
+        needs.append("user_metadata")
+    for feature in needs:
+        await transport.require(feature, f"{what} with user_metadata" if feature == "user_metadata" else what)
+    # the capabilities (needed by the first training call) are fetched while the model is created
+    model_id, _ = await asyncio.gather(create_model(transport, body, on_queue_state), transport.features())
+    return TrainingClient(transport, model_id, base_model)
+
+
+async def create_model(
+    transport: Transport, body: CreateModelRequest, on_queue_state: Callable[[str | QueueState], None]
+) -> str:
+    """Send ``body`` and wait for the new model's id."""
+    started = time.monotonic()
+    await transport.features()  # which extensions the submit may use (fetched once per ServiceClient)
+    submitted = await transport.request(
+        "POST", "create_model", UntypedAPIFuture, body=body, headers=transport.submit_headers
+    )
+    created = await transport.poll(
+        submitted.request_id,
+        CreateModelResponse,
+        request_type="CreateModel",
+        roundtrip=time.monotonic() - started,
+        inline=submitted.result,
+        on_queue_state=on_queue_state,
+    )
+    return created.model_id
