@@ -8,12 +8,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
+from ._errors import ConfigurationError
 from ._futures import QueueState
 from ._http import Transport
 from .training import TrainingClient
 from .types import CreateModelRequest, CreateModelResponse, LoraConfig, UntypedAPIFuture
 
-__all__ = ("FULL_PARAM_LAYOUT", "create_model", "create_run")
+__all__ = ("FULL_PARAM_LAYOUT", "attach_only", "create_model", "create_run")
 
 # create_model's lora_config for full-parameter training (server feature "full_param"): rank 0
 FULL_PARAM_LAYOUT: Final = LoraConfig(rank=0)
@@ -66,3 +67,17 @@ async def create_model(
         on_queue_state=on_queue_state,
     )
     return created.model_id
+
+
+def attach_only(model_id: str | None, user_metadata: Mapping[str, str] | None) -> None:
+    """create_training_client without lora_rank attaches: it needs a model_id and takes no metadata."""
+    if user_metadata is not None:
+        raise ConfigurationError(
+            "user_metadata is kept when a run is created: pass lora_rank= with base_model= (or use "
+            "create_lora_training_client); create_training_client(model_id) attaches to an existing run"
+        )
+    if not model_id:
+        raise ConfigurationError(
+            "create_training_client needs the model_id of an existing run, or base_model= and lora_rank= "
+            "for a new one (lora_rank=0: full-parameter), or use create_lora_training_client(base_model)"
+        )

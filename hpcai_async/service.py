@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from ._create import FULL_PARAM_LAYOUT, create_run
+from ._create import FULL_PARAM_LAYOUT, attach_only, create_run
 from ._deadline import Deadline
-from ._errors import APIError, ConfigurationError
-from ._futures import APIFuture, QueueStateObserver
+from ._errors import ConfigurationError
+from ._futures import QueueStateObserver
 from ._http import DEFAULT_BASE_URL, REQUEST_READ_TIMEOUT, Transport
 from ._loop import LoopBinding, blocking, on_client_loop
 from ._poll import POLL_READ_TIMEOUT
+from ._restore import restore
 from ._retry import DEFAULT_RETRY_TIMEOUT, RetryConfig, RetryPolicy
 from .concurrency import ConcurrencyController
 from .deployment import DeploymentSampler
@@ -25,9 +25,7 @@ from .sampling import SamplingClient
 from .training import TrainingClient
 from .types import (
     GetServerCapabilitiesResponse,
-    LoadWeightsResponse,
     LoraConfig,
-    TrainingRun,
 )
 
 __all__ = ("ServiceClient",)
@@ -223,7 +221,7 @@ class ServiceClient(QueueStateObserver):
         Fireworks (``create_lora_training_client`` makes as many as asked). ``user_metadata``: as there.
         """
         if lora_rank is None:
-            _attach_only(model_id, user_metadata)
+            attach_only(model_id, user_metadata)
             return self.attach_training_client(model_id or "", base_model)
         return self._create_training_client(
             model_id, base_model, lora_rank=lora_rank, user_metadata=user_metadata
@@ -240,7 +238,7 @@ class ServiceClient(QueueStateObserver):
     ) -> TrainingClient:
         """Same as ``create_training_client``, as a coroutine: it waits for the new run when it makes one."""
         if lora_rank is None:
-            _attach_only(model_id, user_metadata)
+            attach_only(model_id, user_metadata)
             return self.attach_training_client(model_id or "", base_model)
         if model_id is not None or not base_model:
             raise ConfigurationError(
@@ -317,7 +315,7 @@ class ServiceClient(QueueStateObserver):
         ``TimeoutError``) is raised and the new run is unloaded, as it is when the load fails.
         """
         what = f"create_training_client_from_state({path!r:.200})"
-        return await self._from_state(path, optimizer=False, deadline=Deadline(timeout, what))
+        return await restore(self, path, optimizer=False, deadline=Deadline(timeout, what))
 
     create_training_client_from_state = blocking(create_training_client_from_state_async)
 
@@ -331,70 +329,11 @@ class ServiceClient(QueueStateObserver):
         """A new run resumed from checkpoint ``path``: weights and optimizer state (``timeout``: as for
         ``create_training_client_from_state_async``)."""
         what = f"create_training_client_from_state_with_optimizer({path!r:.200})"
-        return await self._from_state(path, optimizer=True, deadline=Deadline(timeout, what))
+        return await restore(self, path, optimizer=True, deadline=Deadline(timeout, what))
 
     create_training_client_from_state_with_optimizer = blocking(
         create_training_client_from_state_with_optimizer_async
     )
-
-    async def _from_state(self, path: str, *, optimizer: bool, deadline: Deadline) -> TrainingClient:
-        """A new run shaped like the checkpoint's, loaded from it; unloaded again if the load fails or the
-        deadline passes (Tinkex: the temporary client is killed, nothing leaks)."""
-        run = await deadline.bound(self.create_rest_client().get_training_run_by_checkpoint_path_async(path))
-        if run.is_lora and run.lora_rank is None:
-            raise APIError(
-                f"training run {run.training_run_id} names no LoRA rank; cannot recreate it from {path}"
-            )
-        creating = self._transport.spawn(self._run_like(run))
-        try:
-            client = await deadline.bound(asyncio.shield(creating))
-        except BaseException:
-            creating.add_done_callback(self._unload_once_created)  # a run created after all must go too
-            raise
-        loaded: APIFuture[LoadWeightsResponse] | None = None
-        try:
-            load = client.load_state_with_optimizer_async if optimizer else client.load_state_async
-            loaded = await deadline.bound(load(path))
-            await deadline.bound(loaded.result_async())
-        except BaseException:
-            # the run exists only for this restore: leave nothing loaded behind, then raise the load's own
-            # error (a failure to unload must not hide it). Past the deadline the load may still be running
-            # on the server: the unload is queued behind it, and not waited for.
-            if loaded is not None:
-                loaded.cancel()
-            with contextlib.suppress(Exception):
-                if deadline.remaining() == 0:
-                    await client._unload_acknowledged()
-                else:
-                    await (await client.unload_model_async())
-            raise
-        return client
-
-    async def _run_like(self, run: TrainingRun) -> TrainingClient:
-        """A new run with the layout of ``run``: full-parameter (server feature ``full_param``), or LoRA
-        (all of the layout from our server, the rank from others)."""
-        if not run.is_lora:
-            return await self._create(run.base_model, FULL_PARAM_LAYOUT)
-        if isinstance(run.lora_config, LoraConfig):  # our server tells the whole layout
-            layout = run.lora_config
-            return await self.create_lora_training_client_async(
-                run.base_model,
-                rank=layout.rank,
-                seed=layout.seed,
-                train_mlp=layout.train_mlp,
-                train_attn=layout.train_attn,
-                train_unembed=layout.train_unembed,
-            )
-        assert run.lora_rank is not None
-        return await self.create_lora_training_client_async(run.base_model, rank=run.lora_rank)
-
-    def _unload_once_created(self, creating: asyncio.Task[TrainingClient]) -> None:
-        """Done callback of a restore's run creation that was given up: unload the run if it was made."""
-        if creating.cancelled() or creating.exception() is not None:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop is closing: nobody is left to send it
-            unload = self._transport.spawn(creating.result()._unload_acknowledged())
-            unload.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     # ----------------------------------------------------------------------------------------- others
 
@@ -459,17 +398,3 @@ class ServiceClient(QueueStateObserver):
     def create_rest_client(self) -> RestClient:
         """A RestClient for runs and checkpoints, on this client's session."""
         return RestClient(self._transport)
-
-
-def _attach_only(model_id: str | None, user_metadata: Mapping[str, str] | None) -> None:
-    """create_training_client without lora_rank attaches: it needs a model_id and takes no metadata."""
-    if user_metadata is not None:
-        raise ConfigurationError(
-            "user_metadata is kept when a run is created: pass lora_rank= with base_model= (or use "
-            "create_lora_training_client); create_training_client(model_id) attaches to an existing run"
-        )
-    if not model_id:
-        raise ConfigurationError(
-            "create_training_client needs the model_id of an existing run, or base_model= and lora_rank= "
-            "for a new one (lora_rank=0: full-parameter), or use create_lora_training_client(base_model)"
-        )
