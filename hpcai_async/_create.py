@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ._errors import ConfigurationError
 from ._futures import QueueState
@@ -14,7 +14,10 @@ from ._http import Transport
 from .training import TrainingClient
 from .types import CreateModelRequest, CreateModelResponse, LoraConfig, UntypedAPIFuture
 
-__all__ = ("FULL_PARAM_LAYOUT", "attach_only", "create_model", "create_run")
+if TYPE_CHECKING:
+    from .service import ServiceClient
+
+__all__ = ("FULL_PARAM_LAYOUT", "attach_only", "create_for_pair", "create_model", "create_run")
 
 # create_model's lora_config for full-parameter training (server feature "full_param"): rank 0
 FULL_PARAM_LAYOUT: Final = LoraConfig(rank=0)
@@ -81,3 +84,45 @@ def attach_only(model_id: str | None, user_metadata: Mapping[str, str] | None) -
             "create_training_client needs the model_id of an existing run, or base_model= and lora_rank= "
             "for a new one (lora_rank=0: full-parameter), or use create_lora_training_client(base_model)"
         )
+
+
+async def create_for_pair(
+    service: ServiceClient,
+    model_id: str | None,
+    base_model: str | None,
+    lora_rank: int,
+    user_metadata: Mapping[str, str] | None,
+) -> TrainingClient:
+    """``create_training_client(base_model=..., lora_rank=...)`` (Fireworks): one run per (base_model,
+    lora_rank) on a ServiceClient -- from_config's, handed out once, or a new one -- and a second is
+    refused."""
+    if model_id is not None or not base_model:
+        raise ConfigurationError(
+            "create_training_client with lora_rank creates a run: pass base_model= by keyword and no "
+            f"model_id (got model_id={model_id!r}, base_model={base_model!r}); attach to an existing run "
+            "with attach_training_client(model_id)"
+        )
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+        raise ConfigurationError(f"lora_rank: 0 (full-parameter) or a LoRA rank >= 1, got {lora_rank!r}")
+    key = (base_model, lora_rank)
+    if (configured := service._configured.pop(key, None)) is not None:
+        return configured  # from_config's run, handed out once
+    if key in service._claimed:
+        raise ConfigurationError(
+            f"this ServiceClient already made a training client for base_model={base_model!r}, "
+            f"lora_rank={lora_rank} (one per pair, as Fireworks allows); use that one, or another "
+            "ServiceClient for a separate run"
+        )
+    service._claimed.add(key)  # before the first await: two concurrent calls cannot both pass
+    try:
+        if lora_rank == 0:
+            client = await service._create(base_model, FULL_PARAM_LAYOUT, user_metadata)
+        else:
+            client = await service.create_lora_training_client_async(
+                base_model, rank=lora_rank, user_metadata=user_metadata
+            )
+    except BaseException:
+        service._claimed.discard(key)
+        raise
+    service._policies[key] = client
+    return client

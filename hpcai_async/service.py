@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from ._create import FULL_PARAM_LAYOUT, attach_only, create_run
+from ._create import attach_only, create_for_pair, create_run
 from ._deadline import Deadline
 from ._errors import ConfigurationError
 from ._futures import QueueStateObserver
@@ -17,6 +17,7 @@ from ._loop import LoopBinding, blocking, on_client_loop
 from ._poll import POLL_READ_TIMEOUT
 from ._restore import restore
 from ._retry import DEFAULT_RETRY_TIMEOUT, RetryConfig, RetryPolicy
+from ._setup import Cleanup, check_cleanup, release, set_up
 from .concurrency import ConcurrencyController
 from .deployment import DeploymentSampler
 from .reference import ReferenceClient
@@ -24,6 +25,7 @@ from .rest import RestClient
 from .sampling import SamplingClient
 from .training import TrainingClient
 from .types import (
+    AdamParams,
     GetServerCapabilitiesResponse,
     LoraConfig,
 )
@@ -60,6 +62,7 @@ class ServiceClient(QueueStateObserver):
         request_timeout: float = REQUEST_READ_TIMEOUT,
         poll_timeout: float = POLL_READ_TIMEOUT,
         _strict_response_validation: bool = True,
+        cleanup_on_close: Cleanup = "keep",
     ) -> None:
         base_url = base_url or os.environ.get("HPCAI_BASE_URL") or DEFAULT_BASE_URL
         api_key = api_key or os.environ.get("HPCAI_API_KEY")
@@ -97,6 +100,12 @@ class ServiceClient(QueueStateObserver):
         # as Fireworks allows), and the policy a reference client of that pair shares a run with
         self._claimed: set[tuple[str, int]] = set()
         self._policies: dict[tuple[str, int], TrainingClient] = {}
+        # what close() releases (see _setup), and the run from_config set up, until create_training_client
+        # hands it out
+        self._cleanup = check_cleanup(cleanup_on_close)
+        self._owned: list[TrainingClient] = []
+        self._configured: dict[tuple[str, int], TrainingClient] = {}
+        self.training_client: TrainingClient | None = None
 
     @property
     def _binding(self) -> LoopBinding:
@@ -132,9 +141,9 @@ class ServiceClient(QueueStateObserver):
             self._transport.closed = True
             return
         if loop is asyncio.get_running_loop():
-            await self._transport.aclose()
+            await self._shutdown()
         else:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._transport.aclose(), loop))
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._shutdown(), loop))
 
     def close(self) -> None:
         """Blocking ``aclose``; on the client's own loop use ``await aclose()``."""
@@ -151,7 +160,74 @@ class ServiceClient(QueueStateObserver):
                 "ServiceClient.close() blocks, but it was called on the client's own event loop: "
                 "use `await client.aclose()` (or `async with`)"
             )
-        asyncio.run_coroutine_threadsafe(self._transport.aclose(), loop).result()
+        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result()
+
+    async def _shutdown(self) -> None:
+        """Release what ``cleanup_on_close`` says (once), then close the session."""
+        owned, self._owned = self._owned, []
+        try:
+            if not self._transport.closed:
+                await release(self, owned, self._cleanup)
+        finally:
+            await self._transport.aclose()
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    @classmethod
+    def from_config(
+        cls,
+        base_model: str,
+        *,
+        lora_rank: int = 32,
+        learning_rate: float = 1e-4,
+        model_id: str | None = None,
+        cleanup_on_close: Cleanup = "unload",
+        **options: Any,
+    ) -> ServiceClient:
+        """A ServiceClient with its training run ready: a new run of ``base_model`` (``lora_rank`` 0:
+        full-parameter), or, with ``model_id``, the existing run it reconnects to after a restart (checked to
+        be of that model and rank; it continues the run's sequence). ``service.training_client`` is the run's
+        client (``create_training_client(base_model=..., lora_rank=...)`` returns it too, once), and
+        ``service.adam_params`` carries ``learning_rate``. ``cleanup_on_close`` (``"unload"``, ``"delete"``,
+        ``"keep"``; see ``_setup``) says what ``close()`` releases. ``options`` go to ``ServiceClient()``.
+        """
+        service = cls(cleanup_on_close=cleanup_on_close, **options)
+        try:
+            service._set_up(base_model, lora_rank, learning_rate, model_id)
+        except BaseException:
+            service.close()
+            raise
+        return service
+
+    @classmethod
+    async def from_config_async(
+        cls,
+        base_model: str,
+        *,
+        lora_rank: int = 32,
+        learning_rate: float = 1e-4,
+        model_id: str | None = None,
+        cleanup_on_close: Cleanup = "unload",
+        **options: Any,
+    ) -> ServiceClient:
+        """``from_config`` as a coroutine (the client then runs on the caller's loop)."""
+        service = cls(cleanup_on_close=cleanup_on_close, **options)
+        try:
+            await service._set_up_async(base_model, lora_rank, learning_rate, model_id)
+        except BaseException:
+            await service.aclose()
+            raise
+        return service
+
+    @on_client_loop
+    async def _set_up_async(
+        self, base_model: str, lora_rank: int, learning_rate: float, model_id: str | None
+    ) -> None:
+        self.adam_params = AdamParams(learning_rate=learning_rate)
+        client = await set_up(self, base_model, lora_rank, model_id)
+        self._configured[base_model, lora_rank] = self.training_client = client
+
+    _set_up = blocking(_set_up_async)
 
     # ----------------------------------------------------------------------------------------- service
 
@@ -202,7 +278,10 @@ class ServiceClient(QueueStateObserver):
     async def _create(
         self, base_model: str, lora: LoraConfig | None, user_metadata: Mapping[str, str] | None = None
     ) -> TrainingClient:
-        return await create_run(self._transport, base_model, lora, user_metadata, self._observe_queue_state)
+        client = await create_run(self._transport, base_model, lora, user_metadata, self._observe_queue_state)
+        if self._cleanup != "keep":
+            self._owned.append(client)
+        return client
 
     def create_training_client(
         self,
@@ -240,34 +319,7 @@ class ServiceClient(QueueStateObserver):
         if lora_rank is None:
             attach_only(model_id, user_metadata)
             return self.attach_training_client(model_id or "", base_model)
-        if model_id is not None or not base_model:
-            raise ConfigurationError(
-                "create_training_client with lora_rank creates a run: pass base_model= by keyword and no "
-                f"model_id (got model_id={model_id!r}, base_model={base_model!r}); attach to an existing run "
-                "with attach_training_client(model_id)"
-            )
-        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
-            raise ConfigurationError(f"lora_rank: 0 (full-parameter) or a LoRA rank >= 1, got {lora_rank!r}")
-        key = (base_model, lora_rank)
-        if key in self._claimed:
-            raise ConfigurationError(
-                f"this ServiceClient already made a training client for base_model={base_model!r}, "
-                f"lora_rank={lora_rank} (one per pair, as Fireworks allows); use that one, or another "
-                "ServiceClient for a separate run"
-            )
-        self._claimed.add(key)  # before the first await: two concurrent calls cannot both pass
-        try:
-            if lora_rank == 0:
-                client = await self._create(base_model, FULL_PARAM_LAYOUT, user_metadata)
-            else:
-                client = await self.create_lora_training_client_async(
-                    base_model, rank=lora_rank, user_metadata=user_metadata
-                )
-        except BaseException:
-            self._claimed.discard(key)
-            raise
-        self._policies[key] = client
-        return client
+        return await create_for_pair(self, model_id, base_model, lora_rank, user_metadata)
 
     _create_training_client = blocking(create_training_client_async)
 
