@@ -142,7 +142,7 @@ class CheckpointMethods:
         except BaseException:
             self._orders.abandon(n, 1)
             raise
-        body = LoadWeightsRequest(model_id=self.model_id, path=path, optimizer=optimizer)
+        body = LoadWeightsRequest(model_id=self.model_id, path=_wire.wire_path(path), optimizer=optimizer)
         started = self._orders.start(n, "load_weights", body, LoadWeightsResponse, "LoadWeights")
         try:
             await deadline.bound(self._orders.submitted([started]))

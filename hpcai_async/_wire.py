@@ -251,6 +251,12 @@ def parse_checkpoint_path(
     return ParsedCheckpointPath(run_id, _KINDS[segment], ckpt)
 
 
+def wire_path(path: str) -> str:
+    """``path`` as the hosted service accepts it: a ``tinker://`` path becomes the same ``hpcai://`` one (the
+    client sends only the hosted scheme; the local server reads both)."""
+    return "hpcai://" + path.removeprefix("tinker://") if path.startswith("tinker://") else path
+
+
 def checkpoint_path_for(run_id: str, checkpoint_id: str, kind: str, scheme: str = "hpcai://") -> str:
     """The path the hosted service writes for a checkpoint: ``hpcai://{run}/{weights|sampler_weights}/{id}``."""
     return f"{scheme}{run_id}/{_SEGMENTS[kind]}/{checkpoint_id}"

@@ -127,7 +127,7 @@ class SamplingClient(QueueStateObserver):
             sampling_params=sampling_params,
             num_samples=num_samples,
             base_model=self.base_model if self.base_model is not None else msgspec.UNSET,
-            model_path=self.model_path if self.model_path is not None else msgspec.UNSET,
+            model_path=_wire.wire_path(self.model_path) if self.model_path is not None else msgspec.UNSET,
             prompt_logprobs=include_prompt_logprobs,
             topk_prompt_logprobs=topk_prompt_logprobs or msgspec.UNSET,
         )
