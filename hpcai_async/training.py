@@ -252,14 +252,21 @@ class TrainingClient(CheckpointMethods, QueueStateObserver):
         by their loss tokens (non-zero weights, or advantages for the policy losses), ``"num_sequences"`` by
         their datums with a loss token. ``None`` or ``"none"`` sends the plain sum, as the official SDK does
         (Fireworks' own default is ``"num_loss_tokens"``); the others need the local server's feature
-        ``grad_acc_normalization``.
+        ``grad_acc_normalization``. A non-zero ``adam_params.weight_decay`` / ``grad_clip_norm`` needs the
+        feature of that name.
         """
         mode = GradAccNormalization(grad_accumulation_normalization or "none")
+        # weight_decay and grad_clip_norm (Tinker's; hpcai's AdamParams has neither) are sent where the server
+        # lists them; 0 is the official step, so it is left out, not refused
+        extras = {f: getattr(adam_params, f) for f in ("weight_decay", "grad_clip_norm")}
+        unset = {f: msgspec.UNSET for f, value in extras.items() if value == 0}
+        if unset:
+            adam_params = msgspec.structs.replace(adam_params, **unset)
+        needs = tuple(f for f, value in extras.items() if f not in unset and value is not msgspec.UNSET)
         body = OptimStepRequest(adam_params=adam_params, model_id=self.model_id)
-        needs: tuple[str, ...] = ()
         if mode is not GradAccNormalization.NONE:
             body.grad_accumulation_normalization = mode
-            needs = ("grad_acc_normalization",)
+            needs += ("grad_acc_normalization",)
         return await self._orders.op("optim_step", body, OptimStepResponse, "OptimStep", needs)
 
     optim_step = submit(optim_step_async)

@@ -355,6 +355,8 @@ def test_the_hosted_dialect_refuses_each_feature_before_sending(server_factory: 
                         tc.forward_backward_async([datum], "ppo", {"clip_low_threshold": 0.9}),
                     ),
                     ("grad_acc_normalization", tc.optim_step_async(types.AdamParams(), "num_loss_tokens")),
+                    ("weight_decay", tc.optim_step_async(types.AdamParams(weight_decay=0.01))),
+                    ("grad_clip_norm", tc.optim_step_async(types.AdamParams(grad_clip_norm=1.0))),
                 ]
                 for feature, call in refused:
                     with pytest.raises(hpcai_async.UnsupportedFeatureError) as info:
@@ -362,7 +364,10 @@ def test_the_hosted_dialect_refuses_each_feature_before_sending(server_factory: 
                     assert info.value.feature == feature
                 # the refused calls gave their turns back: the official calls go through, in order
                 fb = await tc.forward_backward_async([datum], "ppo")
-                step = await tc.optim_step_async(types.AdamParams(), "none")
+                # zero weight decay and clipping are the official step: sent without the fields
+                step = await tc.optim_step_async(
+                    types.AdamParams(weight_decay=0.0, grad_clip_norm=0.0), "none"
+                )
                 await fb
                 assert (await step).metrics == {
                     "step:max": 1.0,
@@ -376,3 +381,4 @@ def test_the_hosted_dialect_refuses_each_feature_before_sending(server_factory: 
         bodies = [json.loads(r.body) if r.body[:1] == b"{" else msgspec.msgpack.decode(r.body) for r in sent]
         assert "loss_fn_config" not in bodies[0]["forward_backward_input"]
         assert "grad_accumulation_normalization" not in bodies[1]
+        assert sorted(bodies[1]["adam_params"]) == ["beta1", "beta2", "eps", "learning_rate"]

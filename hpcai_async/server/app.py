@@ -43,6 +43,8 @@ FEATURES = [
     "inline_result",
     "batch",
     "grad_acc_normalization",
+    "weight_decay",  # AdamParams.weight_decay (decoupled, AdamW): Tinker's, not in hpcai's AdamParams
+    "grad_clip_norm",  # AdamParams.grad_clip_norm: the global gradient norm is clipped to it
     "loss_fn_config",
     "loss:cispo",
     "loss:dro",
