@@ -14,6 +14,7 @@ the official ``hpcai`` package exports at its top level are exported here too (t
 """
 
 from . import types
+from ._checkpointing import SaveSamplerResult
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -120,6 +121,7 @@ __all__ = (
     "SampledSequence",
     "SamplingClient",
     "SamplingParams",
+    "SaveSamplerResult",
     "SequenceConflictError",
     "ServiceClient",
     "StopReason",

@@ -10,6 +10,11 @@ Fireworks helpers that find this run's checkpoints by name, and sampling clients
   ``APITimeoutError`` (a ``TimeoutError``) if it has not finished by then. Unbounded by default.
 * ``list_checkpoints()`` and ``resolve_checkpoint_path(name, source_job_id=None)`` return values (Fireworks'
   helpers are not futures), read from the REST listing.
+* ``save_weights_for_sampler_ext(name, checkpoint_type=None, ttl_seconds=None)`` (Fireworks) saves sampler
+  weights under ``name`` suffixed with this ServiceClient's session tag, so two processes saving
+  ``"step-100"`` do not collide, and returns a ``SaveSamplerResult`` (a value). ``checkpoint_type`` (server
+  feature ``"checkpoint_type"``): ``"base"`` full weights that serve on their own (a LoRA run's adapter
+  merged into the base weights), ``"delta"`` the LoRA adapter; None: the run's own kind.
 
 A load takes its place in the run's sequence when it is called, before a name is resolved, so call order
 stays execution order.
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from . import _wire
 from ._deadline import Deadline
@@ -42,9 +49,21 @@ if TYPE_CHECKING:
     from ._http import Transport
     from ._ordered import RunRequests
 
-__all__ = ("CheckpointMethods",)
+__all__ = ("CheckpointMethods", "SaveSamplerResult")
 
 _TTL_FEATURE = "ttl"
+_TYPE_FEATURE = "checkpoint_type"
+_SESSION_TAG = 8  # hex digits of the transport's session id that suffix a save_weights_for_sampler_ext name
+
+
+class SaveSamplerResult(msgspec.Struct, frozen=True):
+    """What ``save_weights_for_sampler_ext`` saved: ``path``, the checkpoint's ``hpcai://`` path (sample from
+    it with ``create_sampling_client(model_path=path)``), and ``snapshot_name``, the session-qualified name
+    it was saved under (``"step-100-1a2b3c4d"``; the path ends with
+    ``sampler_weights/<snapshot_name>_sampler``, the server's checkpoint id)."""
+
+    path: str
+    snapshot_name: str
 
 
 class CheckpointMethods:
@@ -59,12 +78,19 @@ class CheckpointMethods:
     def _binding(self) -> LoopBinding:
         return self._transport.binding
 
-    def _save_body(self, name: str, ttl_seconds: int | None) -> tuple[SaveWeightsRequest, tuple[str, ...]]:
+    def _save_body(
+        self, name: str, ttl_seconds: int | None, checkpoint_type: str | None = None
+    ) -> tuple[SaveWeightsRequest, tuple[str, ...]]:
+        """The save request, and the server features its extension fields (sent only when given) need."""
         body = SaveWeightsRequest(model_id=self.model_id, path=name)
-        if ttl_seconds is None:
-            return body, ()
-        body.ttl_seconds = ttl_seconds
-        return body, (_TTL_FEATURE,)
+        needs: tuple[str, ...] = ()
+        if ttl_seconds is not None:
+            body.ttl_seconds = ttl_seconds
+            needs += (_TTL_FEATURE,)
+        if checkpoint_type is not None:
+            body.checkpoint_type = checkpoint_type
+            needs += (_TYPE_FEATURE,)
+        return body, needs
 
     # ----------------------------------------------------------------------------------------- saves
 
@@ -97,6 +123,29 @@ class CheckpointMethods:
         )
 
     save_weights_for_sampler = submit(save_weights_for_sampler_async)
+
+    @on_client_loop
+    async def save_weights_for_sampler_ext_async(
+        self, name: str, checkpoint_type: str | None = None, ttl_seconds: int | None = None
+    ) -> SaveSamplerResult:
+        """Save sampler weights as ``name`` suffixed with this ServiceClient's session tag (``step-100`` ->
+        ``step-100-1a2b3c4d``), wait for them and return their path and that ``snapshot_name``.
+
+        ``checkpoint_type`` (feature ``"checkpoint_type"``): ``"base"`` full weights that serve on their own
+        (a LoRA run's adapter merged into a copy of the base weights; a full-parameter run's weights),
+        ``"delta"`` a LoRA run's adapter (a 400 on a full-parameter run); None: the run's own kind, sent as
+        a plain save. ``ttl_seconds``: as for ``save_state_async``. A feature the server does not advertise
+        raises ``UnsupportedFeatureError`` before anything is sent.
+        """
+        snapshot = f"{name}-{self._transport.session_id.replace('-', '')[:_SESSION_TAG]}"
+        body, needs = self._save_body(snapshot, ttl_seconds, checkpoint_type)
+        saving = await self._orders.op(
+            "save_weights_for_sampler", body, SaveWeightsForSamplerResponse, "SaveWeightsForSampler", needs
+        )
+        saved = await saving
+        return SaveSamplerResult(path=saved.path, snapshot_name=snapshot)
+
+    save_weights_for_sampler_ext = blocking(save_weights_for_sampler_ext_async)
 
     # ----------------------------------------------------------------------------------------- loads
 

@@ -193,7 +193,9 @@ class FailingEngine(NullEngine):
     def optim_step(self, run_id: str, adam: types.AdamParams) -> types.OptimStepResponse:
         raise RuntimeError("the optimizer exploded")
 
-    def save(self, run_id: str, directory: str | Path, *, optimizer: bool = True) -> None:
+    def save(
+        self, run_id: str, directory: str | Path, *, optimizer: bool = True, merged: bool = False
+    ) -> None:
         (Path(directory) / "adapter_model.safetensors").write_bytes(b"half a file")
         raise OSError("disk full")
 

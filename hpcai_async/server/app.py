@@ -51,6 +51,7 @@ FEATURES = [
     "queue_duration",
     "topk_prompt_logprobs",
     "ttl",
+    "checkpoint_type",  # save_weights_for_sampler checkpoint_type: "base" (full weights) or "delta" (adapter)
     "full_param",  # create_model lora_config.rank 0: every weight trains (layout.py)
     "reference_forward",  # forward reference: true, and create_model reference: true (a frozen model)
     "user_metadata",  # create_model user_metadata, shown by the training-run listing

@@ -4,6 +4,11 @@ A save is named by its request (``path``, checked as one folder name) or automat
 lifetime (``ttl_seconds``, 1 s to ten years: it expires that long after it was written), and is written into a
 fresh work folder that the store commits atomically or discards; a load must match the model's base model and
 LoRA layout, and loads optimizer state only from a training checkpoint.
+
+A sampler save may name its ``checkpoint_type`` (feature ``"checkpoint_type"``): ``"base"`` is full weights
+that serve on their own -- for a LoRA run its adapter merged into a copy of the base model's weights, a
+full-parameter checkpoint of layout ``FULL_PARAM`` (``merged`` in its meta.json) -- and ``"delta"`` the LoRA
+adapter, which only a LoRA run has. Without it a save is the run's own kind.
 """
 
 from __future__ import annotations
@@ -19,10 +24,18 @@ from .._errors import BadRequestError
 from .._wire import shorten
 from .engine_api import EngineAPI, check_lora_match
 from .expiry import TTL_MAX_SECONDS
+from .layout import FULL_PARAM, is_lora
 from .scheduler import ModelState
 from .store import CheckpointMeta, Store, check_name, checkpoint_id_for, checkpoint_path_for, utcnow
 
-__all__ = ("check_loadable", "check_ttl", "new_checkpoint", "save")
+__all__ = (
+    "CHECKPOINT_TYPES",
+    "check_checkpoint_type",
+    "check_loadable",
+    "check_ttl",
+    "new_checkpoint",
+    "save",
+)
 
 
 def check_ttl(value: object) -> int | None:
@@ -37,6 +50,33 @@ def check_ttl(value: object) -> int | None:
     return value
 
 
+CHECKPOINT_TYPES = ("base", "delta")  # a sampler save's checkpoint_type: full weights, or a LoRA adapter
+
+
+def check_checkpoint_type(req: types.SaveWeightsRequest, model: ModelState, kind: str) -> bool:
+    """Whether the save merges a LoRA run's adapter into the base weights (``checkpoint_type`` "base" on a
+    LoRA run); BadRequestError naming the field when the value, the save or the run does not allow it."""
+    value = req.checkpoint_type
+    if value is msgspec.UNSET or value is None:
+        return False
+    if value not in CHECKPOINT_TYPES:
+        raise BadRequestError(
+            f"checkpoint_type: must be 'base' (full weights that serve on their own) or 'delta' (the LoRA "
+            f"adapter), got {shorten(value, 50)}; leave it out for the run's own kind"
+        )
+    if kind == "training":
+        raise BadRequestError(
+            "checkpoint_type: applies to sampler weights (save_weights_for_sampler), not to a training-state "
+            "save; leave it out of save_weights"
+        )
+    if value == "delta" and not is_lora(model.lora_config):
+        raise BadRequestError(
+            f"checkpoint_type: 'delta' is a LoRA adapter, but model {model.model_id} is a full-parameter run "
+            "(no adapter to save); use checkpoint_type='base' or leave it out"
+        )
+    return value == "base" and is_lora(model.lora_config)
+
+
 def new_checkpoint(req: types.SaveWeightsRequest, model: ModelState, kind: str) -> CheckpointMeta:
     """The checkpoint a save request of ``kind`` ("training" or "sampler") will write; 400 for a bad name."""
     if req.path is msgspec.UNSET or req.path is None:
@@ -45,6 +85,7 @@ def new_checkpoint(req: types.SaveWeightsRequest, model: ModelState, kind: str) 
         assert isinstance(req.path, str)
         name = check_name(req.path, "path")
     ttl = check_ttl(req.ttl_seconds)
+    merged = check_checkpoint_type(req, model, kind)
     ckpt_id = checkpoint_id_for(name, kind)
     return CheckpointMeta(
         checkpoint_id=ckpt_id,
@@ -53,9 +94,10 @@ def new_checkpoint(req: types.SaveWeightsRequest, model: ModelState, kind: str) 
         checkpoint_path=checkpoint_path_for(model.model_id, ckpt_id, kind),
         run_id=model.model_id,
         base_model=model.base_model,
-        lora_config=model.lora_config,
+        lora_config=FULL_PARAM if merged else model.lora_config,  # the checkpoint's layout
         name=name,
         ttl_seconds=ttl,
+        merged=merged,
     )
 
 
@@ -66,6 +108,12 @@ def check_loadable(req: types.LoadWeightsRequest, meta: CheckpointMeta, model: M
             f"path: {shorten(req.path)} was trained on {meta.base_model!r} but model {model.model_id} uses "
             f"{model.base_model!r}; create a model on {meta.base_model!r} to load it "
             "(create_training_client_from_state does this)"
+        )
+    if meta.merged and is_lora(model.lora_config):
+        raise BadRequestError(
+            f"path: {shorten(req.path)} holds a LoRA adapter merged into full weights (checkpoint_type "
+            f"'base'), but model {model.model_id} is a LoRA run; load it into a full-parameter model "
+            "(create_training_client(base_model=..., lora_rank=0)), or load the run's 'delta' checkpoint"
         )
     check_lora_match(model.lora_config, meta.lora_config, f"path: {shorten(req.path)}")
     if req.optimizer is msgspec.UNSET:
@@ -82,7 +130,7 @@ def save(engine: EngineAPI, store: Store, meta: CheckpointMeta, kind: str) -> An
     """Write the model's weights (and optimizer state for a training checkpoint) as ``meta``, atomically."""
     work = store.new_work_dir()
     try:
-        engine.save(meta.run_id, work, optimizer=kind == "training")
+        engine.save(meta.run_id, work, optimizer=kind == "training", merged=meta.merged)
         saved = utcnow()  # the time it was written: its lifetime starts now
         expires = None if meta.ttl_seconds is None else saved + _dt.timedelta(seconds=meta.ttl_seconds)
         store.commit_checkpoint(work, msgspec.structs.replace(meta, time=saved, expires=expires))

@@ -141,6 +141,10 @@ class EngineAPI(Protocol):
         config: Mapping[str, float] | None = None,
     ) -> Batch: ...
     def validate_sample(self, job: SampleJob) -> SampleJob: ...
+    def validate_save(self, run_id: str, *, merged: bool) -> None:
+        """BadRequestError, before the save is queued, when the run's weights cannot be saved so (``merged``:
+        an adapter on a weight tied to another cannot merge)."""
+        ...
 
     def create_run(
         self, run_id: str, base_model: str, lora: types.LoraConfig, *, frozen: bool = False
@@ -160,9 +164,12 @@ class EngineAPI(Protocol):
         self, run_id: str, data: Sequence[types.Datum] | Batch, loss_fn: str
     ) -> types.ForwardBackwardOutput: ...
     def optim_step(self, run_id: str, adam: types.AdamParams | AdamStep) -> types.OptimStepResponse: ...
-    def save(self, run_id: str, directory: str | Path, *, optimizer: bool = True) -> None:
+    def save(
+        self, run_id: str, directory: str | Path, *, optimizer: bool = True, merged: bool = False
+    ) -> None:
         """Write the run's adapter (and with ``optimizer`` its optimizer state) into ``directory`` (an empty
-        folder inside the store; the server makes it a checkpoint atomically afterwards)."""
+        folder inside the store; the server makes it a checkpoint atomically afterwards); ``merged``: a LoRA
+        run's adapter merged into a copy of the base weights, written as a full-parameter checkpoint."""
         ...
 
     def load(self, run_id: str, directory: str | Path, *, optimizer: bool = False) -> None:

@@ -155,7 +155,9 @@ class NullEngine:
 
     # -------------------------------------------------------------------------------------------- checkpoints
 
-    def save(self, run_id: str, directory: str | Path, *, optimizer: bool = True) -> None:
+    def save(
+        self, run_id: str, directory: str | Path, *, optimizer: bool = True, merged: bool = False
+    ) -> None:
         from safetensors.numpy import save_file
 
         run = self._run(run_id)
@@ -165,7 +167,8 @@ class NullEngine:
             {"null.lora_A.weight": np.zeros((max(run.rank, 1), 1), np.float32)},
             str(out / "adapter_model.safetensors"),
         )
-        meta = {"null_engine": True, "base_model": run.base_model, "rank": run.rank, "steps": run.steps}
+        rank = 0 if merged else run.rank  # merged: full weights, the layout of a full-parameter run
+        meta = {"null_engine": True, "base_model": run.base_model, "rank": rank, "steps": run.steps}
         (out / "engine.json").write_text(json.dumps({**meta, "optimizer": optimizer}))
 
     def load(self, run_id: str, directory: str | Path, *, optimizer: bool = False) -> None:
@@ -187,6 +190,9 @@ class NullEngine:
         run.steps = int(meta.get("steps") or 0) if optimizer else 0  # a fresh optimizer starts at step 0
 
     # -------------------------------------------------------------------------------------------- sampling
+
+    def validate_save(self, run_id: str, *, merged: bool) -> None:
+        self._run(run_id)
 
     def validate_sample(self, job: SampleJob) -> SampleJob:
         self.spec(job.base_model)

@@ -329,6 +329,8 @@ class Service:
         def prepare(req: types.SaveWeightsRequest, model: ModelState) -> Callable[[], Any]:
             check_trainable(model.model_id, model.frozen, "save weights")
             meta = checkpoints.new_checkpoint(req, model, kind)
+            if engine.has_run(model.model_id):  # a model still being created is checked when it saves
+                engine.validate_save(model.model_id, merged=meta.merged)
             return lambda: checkpoints.save(engine, store, meta, kind)
 
         return prepare

@@ -108,6 +108,7 @@ class CheckpointMeta(msgspec.Struct, kw_only=True):
     step: int | None = None
     ttl_seconds: int | None = None  # saved with ttl_seconds ("ttl"): deleted at ``expires``
     expires: _dt.datetime | None = None
+    merged: bool = False  # a LoRA run's adapter merged into the base weights (checkpoint_type "base")
 
     def expired(self, now: _dt.datetime) -> bool:
         return self.expires is not None and self.expires <= now

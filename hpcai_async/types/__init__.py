@@ -186,12 +186,16 @@ class SaveWeightsRequest(Struct, kw_only=True):
     """Body of save_weights and save_weights_for_sampler (``path`` is the checkpoint name).
 
     ``ttl_seconds`` (ours, server feature ``"ttl"``; Tinker and Fireworks have it too): the checkpoint is
-    deleted that many seconds after it was saved; sent only when given (never: the checkpoint is kept)."""
+    deleted that many seconds after it was saved; sent only when given (never: the checkpoint is kept).
+    ``checkpoint_type`` (ours, feature ``"checkpoint_type"``; Fireworks' ``save_weights_for_sampler_ext``),
+    for sampler saves: ``"base"`` full weights that serve on their own, ``"delta"`` a LoRA run's adapter;
+    sent only when given (the run's own kind: delta for LoRA, base for full-parameter)."""
 
     model_id: str
     path: str | UnsetType = UNSET
     seq_id: int | UnsetType = UNSET
     ttl_seconds: int | UnsetType = UNSET
+    checkpoint_type: str | UnsetType = UNSET
 
 
 SaveWeightsForSamplerRequest = SaveWeightsRequest

@@ -45,15 +45,20 @@ class Base:
     tokenizer: Any = None
     keep_logits: bool = False  # the model's forward takes logits_to_keep
     cache_arg: str = "past_key_values"  # the KV-cache argument ("cache" from transformers 5.x)
+    tied: frozenset[str] = frozenset()  # parameter names sharing their tensor with another (tied weights)
 
     @classmethod
     def load(cls, spec: ModelSpec, device: str) -> Base:
         loaded = load_model(spec, device)
         args = inspect.signature(loaded.module.forward).parameters
+        names: dict[int, list[str]] = {}
+        for name, p in loaded.module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
         return cls(
             loaded=loaded,
             keep_logits="logits_to_keep" in args,
             cache_arg="cache" if "cache" in args else "past_key_values",
+            tied=frozenset(n for group in names.values() if len(group) > 1 for n in group),
         )
 
     @property

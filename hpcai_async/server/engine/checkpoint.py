@@ -3,10 +3,15 @@
 A LoRA checkpoint is a folder with ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's layout,
 loadable with ``PeftModel.from_pretrained``); a full-parameter one (format ``FULL_FORMAT``) holds
 ``model.safetensors`` (every parameter, by its name in the model) + the base model's ``config.json``
-(loadable with ``AutoModelForCausalLM.from_pretrained``). Both have ``engine.json`` (format, base model, LoRA
-config or null, steps) and, for training checkpoints, ``optimizer.safetensors`` (``<param>.exp_avg`` /
-``<param>.exp_avg_sq``; the step is in engine.json). Every reader checks the whole folder before the caller
-changes anything.
+(loadable with ``AutoModelForCausalLM.from_pretrained``). Both have ``engine.json`` (format, its
+``checkpoint_type``, base model, LoRA config or null, steps) and, for training checkpoints,
+``optimizer.safetensors`` (``<param>.exp_avg`` / ``<param>.exp_avg_sq``; the step is in engine.json). Every
+reader checks the whole folder before the caller changes anything.
+
+``checkpoint_type`` says how the weights serve: ``"delta"`` (a LoRA adapter on the shared base model) or
+``"base"`` (full weights, a model of their own: a full-parameter run's, or a LoRA run's adapter merged into
+the base weights); the sampler loads a folder by it. Folders written before it was recorded have their
+format's.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ __all__ = (
     "OPTIMIZER_FILE",
     "check_finite",
     "check_layout",
-    "is_full",
     "read_checkpoint",
     "read_meta",
     "read_optimizer",
+    "weights_type",
     "write_checkpoint",
 )
 
@@ -41,6 +46,7 @@ FULL_FORMAT: Final = "hpcai-async-full/1"
 ADAPTER_FILE: Final = "adapter_model.safetensors"
 FULL_FILE: Final = "model.safetensors"
 _WEIGHTS: Final = {CHECKPOINT_FORMAT: ADAPTER_FILE, FULL_FORMAT: FULL_FILE}  # format -> weights file
+_TYPES: Final = {CHECKPOINT_FORMAT: "delta", FULL_FORMAT: "base"}  # format -> its checkpoint_type
 OPTIMIZER_FILE: Final = "optimizer.safetensors"
 ENGINE_FILE: Final = "engine.json"
 PEFT_CONFIG_FILE: Final = "adapter_config.json"
@@ -71,11 +77,6 @@ def check_finite(what: str, tensors: Mapping[str, Any]) -> None:
         raise _bad(f"{what} hold NaN or infinite values; the checkpoint is damaged")
 
 
-def is_full(directory: Path) -> bool:
-    """Whether the folder holds a full-parameter checkpoint (no file is read)."""
-    return (directory / FULL_FILE).is_file()
-
-
 def read_meta(directory: Path, base_model: str | None = None) -> dict[str, Any]:
     """engine.json of a checkpoint folder (for ``base_model``, when given); no tensor is read."""
     path = directory / ENGINE_FILE
@@ -90,11 +91,22 @@ def read_meta(directory: Path, base_model: str | None = None) -> dict[str, Any]:
         raise _bad(f"{path}: unknown checkpoint format {meta.get('format')!r}")
     if not (directory / weights).is_file():
         raise _bad(f"{directory} is not a complete checkpoint (no {weights})")
+    natural = _TYPES[meta["format"]]
+    if meta.setdefault("checkpoint_type", natural) != natural:
+        raise _bad(
+            f"{path}: checkpoint_type {meta['checkpoint_type']!r} does not match its format "
+            f"{meta['format']!r} ({natural!r}); the checkpoint is damaged"
+        )
     if base_model is not None and meta.get("base_model") != base_model:
         raise _bad(
             f"weights at {directory} are for base model {meta.get('base_model')!r}, not {base_model!r}"
         )
     return meta
+
+
+def weights_type(directory: Path) -> str:
+    """The ``checkpoint_type`` of a checkpoint folder: ``"base"`` (full weights) or ``"delta"`` (adapter)."""
+    return str(read_meta(directory)["checkpoint_type"])
 
 
 def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -163,8 +175,10 @@ def write_checkpoint(
         moments, step = optimizer
         save_file(dict(moments), str(out / OPTIMIZER_FILE), metadata={"format": "pt"})
         opt_meta = {"type": "adamw", "step": step}
+    fmt = CHECKPOINT_FORMAT if lora else FULL_FORMAT
     meta = {
-        "format": CHECKPOINT_FORMAT if lora else FULL_FORMAT,
+        "format": fmt,
+        "checkpoint_type": _TYPES[fmt],
         "base_model": base_model,
         "arch": arch,
         "lora": _lora_meta(lora) if lora else None,

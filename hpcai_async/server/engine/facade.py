@@ -138,6 +138,12 @@ class Engine:
             checkpoint.read_meta(Path(job.adapter_dir), job.base_model)
         return checked
 
+    def validate_save(self, run_id: str, *, merged: bool) -> None:
+        """A merged save's adapter targets no tied weight (``full.check_mergeable``)."""
+        run = self._run(run_id)
+        if merged and run.adapter is not None:
+            full.check_mergeable(run)
+
     # ----------------------------------------------------------------------------------------------- models
 
     def _base(self, name: str) -> Base:
@@ -245,35 +251,31 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
-    def save(self, run_id: str, directory: str | Path, *, optimizer: bool = True) -> None:
-        """Write the run's adapter, and with ``optimizer`` its AdamW state, into ``directory``."""
+    def save(
+        self, run_id: str, directory: str | Path, *, optimizer: bool = True, merged: bool = False
+    ) -> None:
+        """Write the run's weights (its adapter, or every weight), and with ``optimizer`` its AdamW state,
+        into ``directory``; ``merged``: a LoRA run's adapter merged into a copy of the base weights, written
+        as a full-parameter checkpoint (``full.merged_weights``; sampler weights: no optimizer state)."""
         import torch
 
         with self._lock:
             run = self._trainable(run_id, "save")
-            weights = {key: p.detach().to("cpu", torch.float32).contiguous() for key, p in run.params}
-            opt: tuple[dict[str, Any], int] | None = None
-            if optimizer:
-                state = run.optimizer.state if run.optimizer is not None else {}
-                moments: dict[str, Any] = {}
-                opt_step = 0
-                for key, p in run.params:
-                    s = state.get(p)
-                    if s:
-                        moments[f"{key}.exp_avg"] = s["exp_avg"].detach().to("cpu").contiguous()
-                        moments[f"{key}.exp_avg_sq"] = s["exp_avg_sq"].detach().to("cpu").contiguous()
-                        opt_step = int(s["step"])
-                opt = (moments, opt_step)
+            merge = merged and run.adapter is not None
+            if merge:
+                weights = full.merged_weights(run)
+            else:
+                weights = {key: p.detach().to("cpu", torch.float32).contiguous() for key, p in run.params}
             spec = run.base.loaded.spec
             checkpoint.write_checkpoint(
                 Path(directory),
                 base_model=spec.name,
                 arch=spec.arch,
-                lora=run.lora if run.adapter is not None else None,
-                targets=run.targets,
+                lora=run.lora if run.adapter is not None and not merge else None,
+                targets=() if merge else run.targets,
                 steps=run.steps,
                 weights=weights,
-                optimizer=opt,
+                optimizer=training.adam_moments(run) if optimizer and not merge else None,
                 config=spec.path / "config.json",
             )
 
@@ -345,7 +347,7 @@ class Engine:
 
     def _sample_group(self, jobs: list[SampleJob]) -> list[types.SampleResponse]:
         adapter_dir = jobs[0].adapter_dir
-        if adapter_dir is not None and checkpoint.is_full(Path(adapter_dir)):
+        if adapter_dir is not None and checkpoint.weights_type(Path(adapter_dir)) == "base":
             spec = self.spec(jobs[0].base_model)
             model = full.sampler_model(self._full_samplers, spec, self.device, Path(adapter_dir))
             return sampling.sample_group(model, jobs, lambda: self._tokenizer(model))

@@ -5,6 +5,11 @@ in a copy loaded fresh from the model's folder, so no adapter of the shared base
 stays untouched for the LoRA runs and for sampling. Its parameters are the copy's ``named_parameters()``
 (tied weights once), saved under those names. Sampling from a full-parameter checkpoint loads such a copy
 with the saved weights; a small LRU keeps ``FULL_SAMPLER_CACHE_SIZE`` of them (each is a whole model).
+
+A LoRA run's ``checkpoint_type="base"`` save is such a checkpoint too (``merged_weights``): each weight its
+adapter targets is the base weight plus the adapter's product (PEFT's ``get_delta_weight``), the others are
+the base model's, computed without changing the shared base; it serves, and loads with plain transformers,
+on its own.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from ..models import ModelSpec
 from . import checkpoint
 from .adapters import Base, Run
 
-__all__ = ("FULL_SAMPLER_CACHE_SIZE", "new_run", "sampler_model")
+__all__ = ("FULL_SAMPLER_CACHE_SIZE", "check_mergeable", "merged_weights", "new_run", "sampler_model")
 
 FULL_SAMPLER_CACHE_SIZE: Final = 2  # full-weight models kept loaded for sampling (each a whole model)
 
@@ -40,6 +45,38 @@ def new_run(run_id: str, spec: ModelSpec, device: str) -> Run:
         targets=(),
         params=list(base.module.named_parameters()),
     )
+
+
+def check_mergeable(run: Run) -> None:
+    """400 unless each weight the run's adapter is on is a weight of its own: one tied to another (lm_head to
+    the token embeddings, under tie_word_embeddings) would need two different values once merged. Reads only
+    what loading fixed (``Base.tied``), so the server may call it from its event loop."""
+    for target in run.targets:
+        if any(n == f"{target}.weight" or n.endswith(f".{target}.weight") for n in run.base.tied):
+            raise _bad(
+                f"checkpoint_type: 'base' cannot merge the adapter on {target} of model {run.run_id}: that "
+                "weight is tied to another one (tie_word_embeddings), so the merged model would need two; "
+                "save checkpoint_type='delta', or train without train_unembed"
+            )
+
+
+def merged_weights(run: Run) -> dict[str, Any]:
+    """A LoRA run's adapter merged into a copy of its base model's weights (``check_mergeable`` first): CPU
+    float32 tensors by parameter name, as a full-parameter run saves them (tied weights once)."""
+    import torch
+
+    check_mergeable(run)
+    weights: dict[str, Any] = {}
+    for name, p in run.base.module.named_parameters():  # the base weights, named as in a model without PEFT
+        parts = name.split(".")
+        if not any(part.startswith("lora_") for part in parts):  # not an adapter's (this run's or another's)
+            weights[".".join(x for x in parts if x != "base_layer")] = p.detach().to("cpu", torch.float32)
+    with torch.no_grad():
+        for name, layer in run.base.module.named_modules():
+            if run.adapter in getattr(layer, "lora_A", ()):  # a PEFT LoRA layer holding the run's adapter
+                delta = layer.get_delta_weight(run.adapter).to("cpu", torch.float32)
+                weights[f"{name}.weight"] = weights[f"{name}.weight"] + delta
+    return {k: v.contiguous() for k, v in weights.items()}
 
 
 def sampler_model(cache: OrderedDict[str, Base], spec: ModelSpec, device: str, directory: Path) -> Base:

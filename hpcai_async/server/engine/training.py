@@ -33,7 +33,7 @@ from ..engine_api import AdamStep, Batch, non_finite
 from .adapters import Base, Run
 from .losses import LOSSES
 
-__all__ = ("MAX_WEIGHT", "forward_pass", "optim_step", "target_logprobs")
+__all__ = ("MAX_WEIGHT", "adam_moments", "forward_pass", "optim_step", "target_logprobs")
 
 # |B·A x| overflows float32 (max 3.4e38) once both factors reach ~sqrt(3.4e38) = 1.8e19 = 2**64
 MAX_WEIGHT: Final = 2.0**64
@@ -163,6 +163,21 @@ def _output(run: Run, batch: Batch, lp: Any, elementwise: Any, mean: float) -> t
         loss_fn_outputs=outputs,
         metrics={"loss:mean": mean, "num_examples:sum": float(len(batch)), "step:max": float(run.steps)},
     )
+
+
+def adam_moments(run: Run) -> tuple[dict[str, Any], int]:
+    """(the AdamW moments by ``<param>.exp_avg`` / ``.exp_avg_sq``, on the CPU, and the step) of the run,
+    as a training checkpoint saves them; empty before the first optim_step."""
+    state = run.optimizer.state if run.optimizer is not None else {}
+    moments: dict[str, Any] = {}
+    step = 0
+    for key, p in run.params:
+        s = state.get(p)
+        if s:
+            moments[f"{key}.exp_avg"] = s["exp_avg"].detach().to("cpu").contiguous()
+            moments[f"{key}.exp_avg_sq"] = s["exp_avg_sq"].detach().to("cpu").contiguous()
+            step = int(s["step"])
+    return moments, step
 
 
 def new_optimizer(params: list[Any]) -> Any:
