@@ -25,7 +25,8 @@ that queued up while the device was busy, plus a window of ``sample_window_s`` -
 ``engine.sample(jobs)`` call, capped at ``max_batch_sequences`` sequences.
 
 The futures themselves (records, retention, long-poll waits) are ``futures.py``'s; the seq_id rules are
-``ordering.py``'s.
+``ordering.py``'s. (Over 400 lines: the device queue, its batching and its failure handling are one state
+machine; split, each half would reach into the other's state.)
 """
 
 from __future__ import annotations

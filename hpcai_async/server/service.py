@@ -10,6 +10,7 @@ A model's status (``ModelState.status``) moves: ``creating`` -> ``ready`` (its c
 ``failed``; ``ready`` -> ``unloading`` (its unload_model request's turn came) -> ``unloaded`` (or back to
 ``ready`` if unloading failed). Only ``ready`` and ``creating`` models take requests. What a save is named
 and writes, and which checkpoints a model may load, are ``checkpoints.py``'s rules, which the service applies.
+(Over 400 lines: one method per protocol operation, each short; the rules they apply live elsewhere.)
 """
 
 from __future__ import annotations
