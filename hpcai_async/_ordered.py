@@ -153,11 +153,20 @@ class RunRequests:
             self.seq.finish(n)
         return answer
 
-    def start(self, n: int, path: str, body: Body, result: type[T], request_type: str) -> Started[T]:
-        """Start sending request ``n`` and, once it is acknowledged, polling for its result."""
+    def start(
+        self,
+        n: int,
+        path: str,
+        body: Body,
+        result: type[T],
+        request_type: str,
+        combine: Callable[[list[T]], Any] | None = None,
+    ) -> Started[Any]:
+        """Start sending request ``n`` and, once it is acknowledged, polling for its result (``combine([it])``
+        if given)."""
         submission = self.transport.spawn(self.send(n, path, body, UntypedAPIFuture), name=f"{path} #{n}")
-        outcome = self.transport.spawn(self._outcome(n, submission, result, request_type, time.monotonic()))
-        return Started(submission, outcome)
+        polling = self._outcome(n, submission, result, request_type, time.monotonic(), combine)
+        return Started(submission, self.transport.spawn(polling))
 
     async def submit(
         self,
@@ -178,40 +187,65 @@ class RunRequests:
         request and the ones after it are left to tasks of their own (``start``): the one in flight is sent
         again with the same key, as a retry would be, so a called request is still sent, in its turn.
         """
-        try:
-            await self.transport.features()  # known after the first request: which mode
-        except asyncio.CancelledError:
-            self._start_all(first, path, bodies, result, request_type)
-            raise
-        except Exception as exc:  # what each request would meet: none can be sent
-            self.abandon(first, len(bodies))
-            return _failed(exc)
         single = combine if len(bodies) == 1 else None  # one request: its poll task combines
+        if not self.transport.seq_mode:  # turn mode, or not known yet (the first request)
+            try:
+                await self.transport.features()
+            except asyncio.CancelledError:
+                self._start_all(first, path, bodies, result, request_type, single)
+                raise
+            except Exception as exc:  # what each request would meet: none can be sent
+                self.abandon(first, len(bodies))
+                return _failed(exc)
+        outcomes: list[asyncio.Future[Any]]
+        if self.transport.seq_mode:
+            outcomes = [s.outcome for s in self._start_all(first, path, bodies, result, request_type, single)]
+        else:
+            outcomes = await self._send_in_turn(first, path, bodies, result, request_type, single)
+        if len(bodies) == 1:
+            return outcomes[0]
+        return self.transport.spawn(_combined(outcomes, combine))
+
+    async def _send_in_turn(
+        self,
+        first: int,
+        path: str,
+        bodies: Sequence[Body],
+        result: type[T],
+        request_type: str,
+        combine: Callable[[list[T]], Any] | None,
+    ) -> list[asyncio.Future[Any]]:
+        """Turn mode: each POST from the caller's task while it is the request's turn; the rest (behind a
+        request still on its way) go as tasks, and this waits for their POSTs. The futures of the results."""
         outcomes: list[asyncio.Future[Any]] = []
         for i, body in enumerate(bodies):
             n = first + i
-            if self.transport.seq_mode or not self.seq.has_turn(n):
-                rest = self._start_all(first + i, path, bodies[i:], result, request_type)
-                outcomes += [s.outcome for s in rest]
+            if not self.seq.has_turn(n):
+                rest = self._start_all(n, path, bodies[i:], result, request_type, combine)
                 await self.submitted(rest)
-                single = None
-                break
+                return outcomes + [s.outcome for s in rest]
             try:
-                outcomes.append(await self._send_now(n, path, body, result, request_type, single))
+                outcomes.append(await self._send_now(n, path, body, result, request_type, combine))
             except asyncio.CancelledError:
-                self._start_all(n, path, bodies[i:], result, request_type)
+                self._start_all(n, path, bodies[i:], result, request_type, combine)
                 raise
             except BaseException:  # KeyboardInterrupt, SystemExit: the ones after it go back too
                 self.abandon(n + 1, len(bodies) - i - 1)
                 raise
-        if len(outcomes) == 1 and (combine is None or single is not None):
-            return outcomes[0]
-        return self.transport.spawn(_combined(outcomes, combine))
+        return outcomes
 
     def _start_all(
-        self, first: int, path: str, bodies: Sequence[Body], result: type[T], request_type: str
-    ) -> list[Started[T]]:
-        return [self.start(first + i, path, body, result, request_type) for i, body in enumerate(bodies)]
+        self,
+        first: int,
+        path: str,
+        bodies: Sequence[Body],
+        result: type[T],
+        request_type: str,
+        combine: Callable[[list[T]], Any] | None = None,
+    ) -> list[Started[Any]]:
+        return [
+            self.start(first + i, path, body, result, request_type, combine) for i, body in enumerate(bodies)
+        ]
 
     async def _send_now(
         self,
