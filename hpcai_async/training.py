@@ -82,6 +82,8 @@ __all__ = (
 
 T = TypeVar("T")
 
+_KINDS = {"forward": "Forward", "forward_backward": "ForwardBackward"}  # their X-Request-Type
+
 # --------------------------------------------------------------------------------------------- the client
 
 
@@ -123,10 +125,9 @@ class TrainingClient(QueueStateObserver):
         loss_fn: LossFnType,
         loss_fn_config: dict[str, float] | None = None,
     ) -> list[Started[ForwardBackwardOutput]]:
-        kind = "Forward" if path == "forward" else "ForwardBackward"
         bodies = self._chunk_bodies(path, chunks, loss_fn, loss_fn_config)
         return [
-            self._orders.start(first + i, path, body, ForwardBackwardOutput, kind)
+            self._orders.start(first + i, path, body, ForwardBackwardOutput, _KINDS[path])
             for i, body in enumerate(bodies)
         ]
 
@@ -164,9 +165,8 @@ class TrainingClient(QueueStateObserver):
         needs = _wire.loss_features(loss_fn, loss_fn_config)
         first = await self._orders.reserve(len(chunks), needs, path)
         bodies = self._chunk_bodies(path, chunks, loss_fn, loss_fn_config)
-        kind = "Forward" if path == "forward" else "ForwardBackward"
         combined = await self._orders.submit(
-            first, path, bodies, ForwardBackwardOutput, kind, combine_outputs
+            first, path, bodies, ForwardBackwardOutput, _KINDS[path], combine_outputs
         )
         return APIFuture(asyncio.get_running_loop(), combined)
 
