@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from typing import Any
 
 from bench._common import median, percentile, run_async
 
-_keys = itertools.count(1)
+# Keys unique to this process: the server remembers keys, so a second run against the same server with the
+# same keys would get every answer from its idempotency records (no new job) and measure that instead.
+_RUN = uuid.uuid4().hex[:12]
+_keys = (f"floor-{_RUN}-{n}" for n in itertools.count(1))
 
 
 def _datum_json(tokens: int) -> dict[str, Any]:
@@ -45,7 +49,7 @@ class _Aio:
         self.decode = msgspec.json.decode
 
     async def post(self, path: str, body: dict[str, Any], key: str | None = None) -> Any:
-        headers = {"X-Idempotency-Key": key or f"floor-{next(_keys)}"}
+        headers = {"X-Idempotency-Key": key or next(_keys)}
         async with self.session.post(self.url + path, data=self.encode(body), headers=headers) as resp:
             payload = await resp.read()
             assert resp.status == 200, payload[:200]
@@ -222,7 +226,7 @@ class _Conn:
         self.decode = msgspec.json.decode
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        headers = {**self.headers, "X-Idempotency-Key": f"floor-{next(_keys)}"}
+        headers = {**self.headers, "X-Idempotency-Key": next(_keys)}
         self.conn.request("POST", self.prefix + path, self.encode(body), headers)
         resp = self.conn.getresponse()
         payload = resp.read()

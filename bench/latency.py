@@ -6,8 +6,8 @@ behaviours:
 
 - long-poll: retrieve_future is held until the job is done (``long_poll_s=25``);
 - try_again: retrieve_future answers ``{"type": "try_again"}`` at once while the job runs (``long_poll_s=0``;
-  the official SDK then sleeps 0.5 s before it polls again; ours re-polls after ~20 % of the time waited so
-  far).
+  the official SDK then sleeps 0.5 s before it polls again; ours re-polls at once for the first 5 ms, then
+  after ~10 % of the time waited so far).
 
 Sequential calls, each timed from the call to the result in hand; median after warm-up calls. The floor
 (``bench._floor.latency``) is bare http.client: the submit, then polls back to back until the result.

@@ -76,6 +76,9 @@ class APIFuture(Generic[T]):
 
     async def result_async(self, timeout: float | None = None) -> T:  # noqa: ASYNC109 - the SDK's signature
         """Wait for the result on any loop; ``APITimeoutError`` after ``timeout`` s (the work goes on)."""
+        task = self._task
+        if task is not None and task.done():
+            return task.result()  # already there (the usual case when a burst is gathered): no waiter
         waiter = self._waiter(asyncio.get_running_loop())
         if timeout is None:
             return await waiter

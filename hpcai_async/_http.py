@@ -65,6 +65,8 @@ CONNECT_TIMEOUT = 5.0  # s, as the official client (PROTOCOL.md §1.4)
 REQUEST_READ_TIMEOUT = 60.0  # s, the official client's request timeout
 SAMPLE_BACKOFF = 1.0  # s: the sampling backpressure window after a 429 without Retry-After (§6.6)
 MAX_REDIRECTS = 10
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant bits of a UUID ...
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)  # ... set for version 4, RFC 4122 variant
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 INLINE_WAIT = {_wire.INLINE_WAIT_HEADER: str(_wire.INLINE_WAIT_SUBMIT)}
 BATCH_INLINE_WAIT = {_wire.INLINE_WAIT_HEADER: str(_wire.INLINE_WAIT_BATCH)}  # all the results of a batch
@@ -292,8 +294,9 @@ class Transport:
     @staticmethod
     def auto_key() -> str:
         """A fresh key for any other non-GET request (the official client's form)."""
-        # a random version-4 UUID without a system call per key (uuid4 reads os.urandom)
-        return f"stainless-python-retry-{uuid.UUID(int=random.getrandbits(128), version=4)}"
+        # a random version-4 UUID, without a system call per key (uuid4 reads os.urandom) or a UUID object
+        h = f"{random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET:032x}"
+        return f"stainless-python-retry-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     async def capabilities(self) -> GetServerCapabilitiesResponse:
         """``GET get_server_capabilities``, fetched once per ServiceClient and cached."""
@@ -358,14 +361,11 @@ class Transport:
         With ``request.sink`` a 2xx body is handed to it block by block (and ``payload`` is empty); a body
         shorter than its ``Content-Length`` raises ``ClientPayloadError`` (a broken connection).
         """
-        aio = aiohttp_module()
         method, data = request.method, request.data
         body = None if data is None else _raw_body_class()(data, request.headers["Content-Type"])
         options: dict[str, Any] = {"allow_redirects": False, "headers": request.headers}
         if request.read_timeout is not None:
-            options["timeout"] = aio.ClientTimeout(
-                total=None, sock_connect=CONNECT_TIMEOUT, sock_read=request.read_timeout
-            )
+            options["timeout"] = _read_timeout(request.read_timeout)
         url: Any = self.url(request.path)
         params = {**self.params, **request.params} if request.params else (self.params or None)
         for _ in range(MAX_REDIRECTS + 1):
@@ -572,6 +572,12 @@ class Transport:
             on_queue_state=on_queue_state,
             on_headers=on_headers,
         )
+
+
+@cache
+def _read_timeout(seconds: float) -> Any:
+    """aiohttp's timeout for a request with its own read timeout (one object per value: they are frozen)."""
+    return aiohttp_module().ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=seconds)
 
 
 async def _stream(resp: Any, sink: Any) -> None:

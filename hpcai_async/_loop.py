@@ -64,6 +64,7 @@ __all__ = (
     "on_client_loop",
     "on_own_thread",
     "private_loop",
+    "run_blocking",
     "submit",
 )
 
@@ -309,15 +310,49 @@ def blocking(
         loop = self._binding.for_sync(what, own_thread=without_loop is not None)
         if without_loop is not None and on_own_thread(loop):
             return without_loop(self, *args, **kwargs)
-        cf = asyncio.run_coroutine_threadsafe(fn(self, *args, **kwargs), loop)
-        try:
-            return cf.result()
-        except BaseException:
-            cf.cancel()  # e.g. KeyboardInterrupt: stop the work on the loop too
-            raise
+        return run_blocking(loop, fn(self, *args, **kwargs))
 
     mark_sync_form(fn, wrapper)
     return wrapper
+
+
+def run_blocking(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on ``loop`` (another thread's) and block until it is done: its value, or its error.
+
+    What ``run_coroutine_threadsafe(coro, loop).result()`` does, with a bare lock that the task releases as
+    its last step instead of a ``concurrent.futures.Future`` (a condition variable, callbacks chained both
+    ways, one more loop turn): the hop there and back is the cost of every blocking call. An interrupt while
+    waiting (Ctrl-C) cancels the task.
+    """
+    done = threading.Lock()
+    done.acquire()
+    outcome: list[Any] = []  # [value, error]
+
+    async def run() -> None:
+        try:
+            outcome[:] = [await coro, None]
+        except BaseException as exc:  # handed to the caller, not to the loop
+            outcome[:] = [None, exc]
+        finally:
+            done.release()
+
+    tasks: list[asyncio.Task[None]] = []
+    loop.call_soon_threadsafe(lambda: tasks.append(loop.create_task(run())))
+    try:
+        done.acquire()
+    except BaseException:
+        loop.call_soon_threadsafe(lambda: [task.cancel() for task in tasks])  # runs after the task started
+        raise
+    value, error = outcome
+    if error is None:
+        return value  # type: ignore[no-any-return]
+    try:
+        if isinstance(error, asyncio.CancelledError):
+            raise concurrent.futures.CancelledError() from None  # what ``Future.result()`` raised here before
+        raise error
+    finally:
+        outcome.clear()  # no cycle through the traceback's frames
+        del error
 
 
 def future(

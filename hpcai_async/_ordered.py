@@ -1,8 +1,9 @@
 """One run's requests in call order: numbers, seq_ids or turns, sending, release of unsent numbers, results.
 
 A TrainingClient makes each request through ``RunRequests``: ``seq.reserve`` takes its number at call time
-(``_sequence``), ``start`` sends it (with its seq_id at once, or on its turn) and polls for its result, and
-whatever stops a reserved request from being sent gives its number back at once (``release``).
+(``_sequence``), ``submit`` sends it (with its seq_id at once, or on its turn: then from the caller's task
+when the turn is already there) and polls for its result, and whatever stops a reserved request from being
+sent gives its number back at once (``release``).
 """
 
 from __future__ import annotations
@@ -122,47 +123,170 @@ class RunRequests:
         Whatever stops it from being sent -- an error while preparing or encoding it, a final error answer,
         cancellation -- releases its number at once, so the requests after it never wait for it.
         """
-        seq_mode = False
         try:
-            features = await self.transport.features()
-            if isinstance(body, LoadWeightsRequest) and _OPTIMIZER_FEATURE not in features:
-                body.optimizer = msgspec.UNSET  # the official protocol has no such field
-            headers = self.transport.submit_headers if result is UntypedAPIFuture else None
-            seq_mode = "seq_id" in features
-            if seq_mode:
-                body.seq_id = await self.first_seq() + n
-                await self.seq.wait_window(n)
-            else:
-                await self.seq.wait_turn(n)
-            answer = await self.transport.request(
-                "POST", path, result, body=body, key=self.key(n), headers=headers, batch=seq_mode
-            )
+            answer, seq_mode = await self._post(n, path, body, result)
         except BaseException:
             self.release(n)
             raise
+        return self._sent(n, answer, seq_mode, result)
+
+    async def _post(self, n: int, path: str, body: Body, result: type[T]) -> tuple[T, bool]:
+        features = await self.transport.features()
+        if isinstance(body, LoadWeightsRequest) and _OPTIMIZER_FEATURE not in features:
+            body.optimizer = msgspec.UNSET  # the official protocol has no such field
+        headers = self.transport.submit_headers if result is UntypedAPIFuture else None
+        seq_mode = "seq_id" in features
+        if seq_mode:
+            body.seq_id = await self.first_seq() + n
+            await self.seq.wait_window(n)
+        else:
+            await self.seq.wait_turn(n)
+        answer = await self.transport.request(
+            "POST", path, result, body=body, key=self.key(n), headers=headers, batch=seq_mode
+        )
+        return answer, seq_mode
+
+    def _sent(self, n: int, answer: T, seq_mode: bool, result: type[Any]) -> T:
         if not seq_mode:
             self.seq.end_turn(n)
         if result is not UntypedAPIFuture:  # the answer is the result (get_info): nothing to poll
             self.seq.finish(n)
         return answer
 
-    def start(self, n: int, path: str, body: Body, result: type[T], request_type: str) -> Started[T]:
-        """Start sending request ``n`` and, once it is acknowledged, polling for its result."""
+    def start(
+        self,
+        n: int,
+        path: str,
+        body: Body,
+        result: type[T],
+        request_type: str,
+        combine: Callable[[list[T]], Any] | None = None,
+    ) -> Started[Any]:
+        """Start sending request ``n`` and, once it is acknowledged, polling for its result (``combine([it])``
+        if given)."""
         submission = self.transport.spawn(self.send(n, path, body, UntypedAPIFuture), name=f"{path} #{n}")
-        outcome = self.transport.spawn(self._outcome(n, submission, result, request_type, time.monotonic()))
-        return Started(submission, outcome)
+        polling = self._outcome(n, submission, result, request_type, time.monotonic(), combine)
+        return Started(submission, self.transport.spawn(polling))
+
+    async def submit(
+        self,
+        first: int,
+        path: str,
+        bodies: Sequence[Body],
+        result: type[T],
+        request_type: str,
+        combine: Callable[[list[T]], Any] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Send requests ``first``, ``first + 1``, ... (one per body) and poll for their results.
+
+        Returns the future of the result (``combine`` of the results, if given) once every POST was answered
+        (turn mode) or is on its way (seq_id mode).
+
+        Turn mode, on the request's turn (the usual case): its POST goes from the caller's task at once, as a
+        bare script would send it, and only the polling is a task. If the caller is cancelled meanwhile, that
+        request and the ones after it are left to tasks of their own (``start``): the one in flight is sent
+        again with the same key, as a retry would be, so a called request is still sent, in its turn.
+        """
+        single = combine if len(bodies) == 1 else None  # one request: its poll task combines
+        if not self.transport.seq_mode:  # turn mode, or not known yet (the first request)
+            try:
+                await self.transport.features()
+            except asyncio.CancelledError:
+                self._start_all(first, path, bodies, result, request_type, single)
+                raise
+            except Exception as exc:  # what each request would meet: none can be sent
+                self.abandon(first, len(bodies))
+                return _failed(exc)
+        outcomes: list[asyncio.Future[Any]]
+        if self.transport.seq_mode:
+            outcomes = [s.outcome for s in self._start_all(first, path, bodies, result, request_type, single)]
+        else:
+            outcomes = await self._send_in_turn(first, path, bodies, result, request_type, single)
+        if len(bodies) == 1:
+            return outcomes[0]
+        return self.transport.spawn(_combined(outcomes, combine))
+
+    async def _send_in_turn(
+        self,
+        first: int,
+        path: str,
+        bodies: Sequence[Body],
+        result: type[T],
+        request_type: str,
+        combine: Callable[[list[T]], Any] | None,
+    ) -> list[asyncio.Future[Any]]:
+        """Turn mode: each POST from the caller's task while it is the request's turn; the rest (behind a
+        request still on its way) go as tasks, and this waits for their POSTs. The futures of the results."""
+        outcomes: list[asyncio.Future[Any]] = []
+        for i, body in enumerate(bodies):
+            n = first + i
+            if not self.seq.has_turn(n):
+                rest = self._start_all(n, path, bodies[i:], result, request_type, combine)
+                await self.submitted(rest)
+                return outcomes + [s.outcome for s in rest]
+            try:
+                outcomes.append(await self._send_now(n, path, body, result, request_type, combine))
+            except asyncio.CancelledError:
+                self._start_all(n, path, bodies[i:], result, request_type, combine)
+                raise
+            except BaseException:  # KeyboardInterrupt, SystemExit: the ones after it go back too
+                self.abandon(n + 1, len(bodies) - i - 1)
+                raise
+        return outcomes
+
+    def _start_all(
+        self,
+        first: int,
+        path: str,
+        bodies: Sequence[Body],
+        result: type[T],
+        request_type: str,
+        combine: Callable[[list[T]], Any] | None = None,
+    ) -> list[Started[Any]]:
+        return [
+            self.start(first + i, path, body, result, request_type, combine) for i, body in enumerate(bodies)
+        ]
+
+    async def _send_now(
+        self,
+        n: int,
+        path: str,
+        body: Body,
+        result: type[T],
+        request_type: str,
+        combine: Callable[[list[T]], Any] | None,
+    ) -> asyncio.Future[Any]:
+        """Turn mode: POST request ``n`` on the caller's task; the task polling for its result, or the failed
+        future of a request that could not be sent (its number released)."""
+        started = time.monotonic()
+        try:
+            answer, seq_mode = await self._post(n, path, body, UntypedAPIFuture)
+        except asyncio.CancelledError:
+            raise  # not released: the caller hands it to a task (``submit``)
+        except Exception as exc:
+            self.release(n)
+            return _failed(exc)
+        except BaseException:
+            self.release(n)
+            raise
+        submitted = self._sent(n, answer, seq_mode, UntypedAPIFuture)
+        return self.transport.spawn(self._outcome(n, submitted, result, request_type, started, combine))
 
     async def _outcome(
         self,
         n: int,
-        submission: asyncio.Task[UntypedAPIFuture],
+        submission: asyncio.Task[UntypedAPIFuture] | UntypedAPIFuture,
         result: type[T],
         request_type: str,
         started: float,
-    ) -> T:
+        combine: Callable[[list[T]], Any] | None = None,
+    ) -> Any:
         try:
-            future = await asyncio.shield(submission)  # cancelling the result never cancels the submission
-            return await self.transport.poll(
+            if isinstance(submission, UntypedAPIFuture):
+                future = submission
+            else:  # cancelling the result never cancels the submission
+                future = await asyncio.shield(submission)
+            out = await self.transport.poll(
                 future.request_id,
                 result,
                 request_type=request_type,
@@ -171,6 +295,7 @@ class RunRequests:
                 inline=future.result,
                 on_queue_state=self._on_queue_state,
             )
+            return out if combine is None else combine([out])
         finally:
             self.seq.finish(n)  # its result is known (or never will be): the window moves on
 
@@ -195,9 +320,8 @@ class RunRequests:
     async def op(
         self, path: str, body: Body, result: type[T], request_type: str, needs: Sequence[str] = ()
     ) -> APIFuture[T]:
-        started = self.start(await self.reserve(1, needs, path), path, body, result, request_type)
-        await self.submitted([started])
-        return APIFuture(asyncio.get_running_loop(), started.outcome)
+        outcome = await self.submit(await self.reserve(1, needs, path), path, [body], result, request_type)
+        return APIFuture(asyncio.get_running_loop(), outcome)
 
     async def acknowledged(self, path: str, body: Body, result: type[T], request_type: str) -> None:
         """Send a request in turn and return once the server has acknowledged it (queued it), without
@@ -215,6 +339,17 @@ class Started(Generic[T]):
     def __init__(self, submission: asyncio.Task[UntypedAPIFuture], outcome: asyncio.Task[T]) -> None:
         self.submission = submission
         self.outcome = outcome
+
+
+async def _combined(outcomes: Sequence[asyncio.Future[T]], combine: Callable[[list[T]], Any] | None) -> Any:
+    results = list(await asyncio.gather(*outcomes))
+    return results if combine is None else combine(results)
+
+
+def _failed(exc: Exception) -> asyncio.Future[Any]:
+    failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    failed.set_exception(exc)
+    return failed
 
 
 def _ignore_outcome(task: asyncio.Task[Any]) -> None:

@@ -1,8 +1,10 @@
 """The long-poll state machine: ``retrieve_future`` until a future has its result (PROTOCOL.md §3.2-3.3).
 
-A poll goes again at once after a server long-poll; after a quick ``try_again`` (a server that does not hold
-polls) it pauses about a fifth of the time waited so far, so the added latency stays within ~20 % and such a
-server sees a few polls per future, not one per round trip. A ``try_again`` or a 408 ("still queued") is
+A poll goes again at once after a server long-poll. After a quick ``try_again`` (a server that does not hold
+polls) it goes again at once for the first few milliseconds, as tinker's client always does, so a short job's
+result is there a round trip after it is done; then it pauses about a tenth of the time waited so far (at
+most 1 s), so the added latency stays within ~10 % and such a server sees a few polls per second of a long
+job, not one per round trip. A ``try_again`` or a 408 ("still queued") is
 progress for the retry budget; connection errors, 429 and 5xx spend it; any other status ends the poll.
 """
 
@@ -27,7 +29,8 @@ __all__ = ("POLL_READ_TIMEOUT", "Poller")
 T = TypeVar("T")
 
 POLL_READ_TIMEOUT = 45.0  # s, the official client's retrieve_future timeout (§3.2)
-POLL_PAUSE_FRACTION = 0.2  # pause after a quick try_again: this share of the time waited so far ...
+POLL_AT_ONCE = 0.005  # s: after a quick try_again, poll again at once while waited less than this; then ...
+POLL_PAUSE_FRACTION = 0.1  # ... pause this share of the time waited so far ...
 POLL_PAUSE_MIN = 0.001  # ... but at least 1 ms ...
 POLL_PAUSE_MAX = 1.0  # ... and at most 1 s
 
@@ -106,7 +109,8 @@ class Poller:
             await asyncio.sleep(delay)
 
     async def _pause(self, start: float, sent: float) -> None:
-        """Re-poll at once after a long-poll; after a quick answer wait ~20 % of the time waited so far.
+        """Re-poll at once after a long-poll, and after a quick answer in the first ``POLL_AT_ONCE``; later
+        wait ~10 % of the time waited so far.
 
         A poll the server held (a long-poll) took clearly longer than the round trip, which is estimated as
         the shortest poll seen lately.
@@ -114,6 +118,8 @@ class Poller:
         now = time.monotonic()
         took = now - sent
         self._rtt = min(took, self._rtt * 1.05 + 1e-4)  # lets the estimate rise again if the path slows
+        if now - start < POLL_AT_ONCE:
+            return
         pause = min(max(POLL_PAUSE_FRACTION * (now - start), POLL_PAUSE_MIN), POLL_PAUSE_MAX)
         pause *= random.uniform(0.8, 1.2)
         if took - self._rtt < pause:  # the server did not hold the request

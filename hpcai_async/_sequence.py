@@ -63,6 +63,10 @@ class Sequencer:
         while self._turn < n:
             await self._wait(self._turn_waiters, n)
 
+    def has_turn(self, n: int) -> bool:
+        """Turn mode: whether request ``n`` may go now (every request before it was sent or abandoned)."""
+        return self._turn >= n
+
     def end_turn(self, n: int) -> None:
         """Request ``n`` was sent (or will never be): let the next one go."""
         if n < self._turn:

@@ -76,6 +76,8 @@ __all__ = (
 
 T = TypeVar("T")
 
+_KINDS = {"forward": "Forward", "forward_backward": "ForwardBackward"}  # their X-Request-Type
+
 # --------------------------------------------------------------------------------------------- the client
 
 
@@ -116,19 +118,31 @@ class TrainingClient(CheckpointMethods, QueueStateObserver):
         loss_fn_config: dict[str, float] | None = None,
         reference: bool = False,
     ) -> list[Started[ForwardBackwardOutput]]:
+        bodies = self._chunk_bodies(path, chunks, loss_fn, loss_fn_config, reference)
+        return [
+            self._orders.start(first + i, path, body, ForwardBackwardOutput, _KINDS[path])
+            for i, body in enumerate(bodies)
+        ]
+
+    def _chunk_bodies(
+        self,
+        path: Literal["forward", "forward_backward"],
+        chunks: list[list[Datum]],
+        loss_fn: LossFnType,
+        loss_fn_config: dict[str, float] | None = None,
+        reference: bool = False,
+    ) -> list[Body]:
         config = loss_fn_config if loss_fn_config else msgspec.UNSET
         flag = True if reference else msgspec.UNSET
-        started = []
-        for i, chunk in enumerate(chunks):
+        bodies: list[Body] = []
+        for chunk in chunks:
             fb_input = ForwardBackwardInput(data=chunk, loss_fn=loss_fn, loss_fn_config=config)
-            body: Body = (
+            bodies.append(
                 ForwardRequest(forward_input=fb_input, model_id=self.model_id, reference=flag)
                 if path == "forward"
                 else ForwardBackwardRequest(forward_backward_input=fb_input, model_id=self.model_id)
             )
-            kind = "Forward" if path == "forward" else "ForwardBackward"
-            started.append(self._orders.start(first + i, path, body, ForwardBackwardOutput, kind))
-        return started
+        return bodies
 
     @staticmethod
     async def _combined(started: Sequence[Started[ForwardBackwardOutput]]) -> ForwardBackwardOutput:
@@ -147,9 +161,10 @@ class TrainingClient(CheckpointMethods, QueueStateObserver):
         chunks = chunk_data(data)
         needs = _wire.loss_features(loss_fn, loss_fn_config) + (("reference_forward",) if reference else ())
         first = await self._orders.reserve(len(chunks), needs, path)
-        started = self._start_chunks(first, path, chunks, loss_fn, loss_fn_config, reference)
-        combined = self._transport.spawn(self._combined(started))
-        await self._orders.submitted(started)
+        bodies = self._chunk_bodies(path, chunks, loss_fn, loss_fn_config, reference)
+        combined = await self._orders.submit(
+            first, path, bodies, ForwardBackwardOutput, _KINDS[path], combine_outputs
+        )
         return APIFuture(asyncio.get_running_loop(), combined)
 
     # ----------------------------------------------------------------------------------------- training

@@ -25,6 +25,7 @@ from hpcai_async import (
     ServiceClient,
     types,
 )
+from hpcai_async._poll import POLL_AT_ONCE, POLL_PAUSE_FRACTION, Poller
 
 NULL_MODEL = "null/instant"
 FAST = {"retry-after-ms": "20"}  # keeps the injected retries quick
@@ -187,7 +188,7 @@ def test_an_expired_future_is_gone(null_server: HasURL) -> None:
 
 
 def test_quick_try_again_is_polled_with_short_growing_pauses(null_server: HasURL) -> None:
-    """The proxy answers try_again at once 20 times: the client pauses ~20 % of the time waited, not 0.5 s."""
+    """The proxy answers try_again at once 20 times: the client pauses ~10 % of the time waited, not 0.5 s."""
     with FaultProxy(null_server.url) as proxy:
         without_inline_results(proxy)
 
@@ -208,6 +209,24 @@ def test_quick_try_again_is_polled_with_short_growing_pauses(null_server: HasURL
     for at, gap in zip([p.at - polls[0].at for p in polls[:-1]], gaps, strict=True):
         assert gap <= 0.3 * at + 0.15  # proportional to the time waited so far (slack: shared CI cores)
     assert elapsed < 3.0  # a fixed half second would take 10 s
+
+
+def test_a_quick_try_again_is_polled_again_at_once_for_the_first_milliseconds() -> None:
+    """As tinker's client: no pause while the future has waited less than POLL_AT_ONCE; then ~10 %."""
+
+    async def main() -> tuple[float, float]:
+        poller = Poller(())
+        t0 = time.monotonic()
+        for _ in range(20):  # each would sleep at least POLL_PAUSE_MIN (1 ms) if it paused
+            await poller._pause(t0, time.monotonic())
+        at_once = time.monotonic() - t0
+        t1 = time.monotonic()
+        await poller._pause(t1 - 1.0, t1)  # waited 1 s: pause ~0.1 s
+        return at_once, time.monotonic() - t1
+
+    at_once, later = run(main)
+    assert POLL_AT_ONCE <= 0.01 and at_once < 0.015
+    assert 0.8 * POLL_PAUSE_FRACTION <= later < 0.5
 
 
 # ----------------------------------------------------------------------------------------- sampling

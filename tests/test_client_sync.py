@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import signal
 import threading
 
 import pytest
 from client_fixtures import LOOPS, HasURL, client, foreign_loop, run, small_batch
 
 from hpcai_async import APIFuture, NotFoundError, ServiceClient, TrainingClient, types
+from hpcai_async._loop import run_blocking
 
 NULL_MODEL = "null/instant"
 BUILTIN = "hpcai-async/tiny-qwen3"
@@ -210,3 +213,44 @@ def test_close_and_context_managers(null_server: HasURL) -> None:
     thread.start()
     thread.join(30)
     assert not errors
+
+
+def test_a_blocking_call_hands_back_its_value_its_error_or_its_cancellation() -> None:
+    """``run_blocking``, the hop behind every blocking method, against a loop in another thread."""
+    with foreign_loop() as loop:
+
+        async def value() -> int:
+            return 7
+
+        async def fails() -> None:
+            raise NotFoundError("no such run", status=404)
+
+        async def cancelled() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(1)
+
+        assert run_blocking(loop, value()) == 7
+        with pytest.raises(NotFoundError, match="no such run"):
+            run_blocking(loop, fails())
+        with pytest.raises(concurrent.futures.CancelledError):
+            run_blocking(loop, cancelled())
+
+
+def test_an_interrupted_blocking_call_cancels_its_work_on_the_loop() -> None:
+    """Ctrl-C while a blocking method waits: the call raises KeyboardInterrupt and its task is cancelled."""
+    stopped = threading.Event()
+    with foreign_loop() as loop:
+
+        async def long_call() -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                stopped.set()
+                raise
+
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
+        with pytest.raises(KeyboardInterrupt):
+            run_blocking(loop, long_call())
+        assert stopped.wait(5)
