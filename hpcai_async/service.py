@@ -214,7 +214,7 @@ class ServiceClient(QueueStateObserver):
         cleanup_on_close: Cleanup = "unload",
         **options: Any,
     ) -> ServiceClient:
-        """``from_config`` as a coroutine (the client then runs on the caller's loop)."""
+        """Same as ``from_config``, as a coroutine (the client then runs on the caller's loop)."""
         service = cls(cleanup_on_close=cleanup_on_close, **options)
         try:
             await service._set_up_async(base_model, lora_rank, learning_rate, model_id)
