@@ -150,8 +150,16 @@ class Programs:
                 target = cwd / program.name
                 target.write_text(source)
             command = [sys.executable, "-m", "hpcai_async.compat", str(target), *args]
+        # no stdin: a program that asks (cli_utils.check_log_dir "ask" on an existing folder) fails at once
         proc = subprocess.run(
-            command, env=self.env(), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+            command,
+            env=self.env(),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         assert proc.returncode == 0, (
             f"{way} {program.name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -179,6 +187,7 @@ CHAT = [
         ]
     }
 ] * 16
+GSM8K = [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}] * 4
 
 
 @contextmanager
@@ -190,9 +199,11 @@ def open_programs(tmp_path: Path) -> Iterator[Programs]:
         "test": write_jsonl(tmp_path / "data" / "chat_test.jsonl", CHAT[:4]),
     }
     quiz = {"quiz": "A says B lies. B says A lies. Who lies?", "solution_text": "Exactly one of them lies."}
-    gsm8k = [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}] * 4
     datasets = {
-        "openai/gsm8k": {"train": write_jsonl(tmp_path / "data" / "gsm8k.jsonl", gsm8k)},
+        "openai/gsm8k": {  # the cookbook's Gsm8kDatasetBuilder loads both splits
+            "train": write_jsonl(tmp_path / "data" / "gsm8k.jsonl", GSM8K),
+            "test": write_jsonl(tmp_path / "data" / "gsm8k_test.jsonl", GSM8K[:1]),
+        },
         "HuggingFaceH4/no_robots": chat,
         "K-and-K/knights-and-knaves": {"train": write_jsonl(tmp_path / "data" / "kk.jsonl", [quiz] * 96)},
     }

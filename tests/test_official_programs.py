@@ -2,7 +2,8 @@
 
 Each program is the official file itself (``examples/sft.py`` from the SDK's sdist, the recipes from its
 bundled cookbook), run a few steps on a small dataset the test writes; each test asserts the run ended and
-its loss fell or its reward rose, read from the program's own log (``metrics.jsonl``, or what it prints).
+its loss fell (the RL recipes: every step trained and logged its reward), read from the program's own log
+(``metrics.jsonl``, or what it prints).
 See ``official_programs`` for the two ways and the local set-up (served model names, HF cache, datasets).
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from official_programs import (
     CHAT,
+    GSM8K,
     MODEL,
     WAYS,
     Programs,
@@ -72,9 +74,11 @@ def test_sl_loop_fresh_then_resumed(programs: Programs, way: str) -> None:
     assert checkpoints(log)[-1]["name"] == "final"
 
 
-# The RL recipes: the built-in model cannot earn their rewards (it never writes the `\boxed{}` answer that
-# gsm8k's grader needs, and knows sums only up to 20 + 20 where the arithmetic environment asks up to
-# 100 + 100), so these tests check that each run ends with every step trained and its reward logged.
+# The RL recipes (rl_loop, rl_basic, math_rl): the built-in model cannot earn their rewards (it never writes
+# the `\boxed{}` answer that gsm8k's grader needs, and knows sums only up to 20 + 20 where the arithmetic
+# environment asks up to 100 + 100), so these tests check that each run ends with every step trained and its
+# reward logged: rl_loop's 0 for a wrong answer, rl_basic's -0.1 (the format penalty of the cookbook's
+# MathEnv).
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -87,6 +91,26 @@ def test_rl_loop(programs: Programs, way: str) -> None:
     assert [m["step"] for m in logged] == [0, 1]  # 4 questions, 2 a batch
     assert all(m["reward/total"] == 0.0 for m in logged)
     assert checkpoints(log)[-1]["name"] == "final"
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_rl_basic(programs: Programs, way: str) -> None:
+    # its dataset builder is fixed in the recipe (Llama-3.1-8B, 128 questions of 16 rollouts a batch) and chz
+    # takes no `dataset_builder.batch_size=` for a builder given as an instance: 128 rows are one step
+    gsm8k = programs.datasets["openai/gsm8k"]
+    gsm8k["train"] = write_jsonl(programs.root / "data" / "gsm8k128.jsonl", GSM8K * 32)
+    log = programs.root / "rl_basic"
+    programs.run(cookbook_file("recipes/rl_basic.py"), [f"log_path={log}", "max_tokens=8"], way=way)
+    (step,) = metrics(log)
+    assert step["step"] == 0 and step["progress/done_frac"] == 1.0
+    assert step["env/all/total_episodes"] == 128 * 16
+    assert 0 < step["env/all/ac_tokens_per_turn"] <= 8
+    # no `\boxed{}` answer: every rollout gets the format penalty alone, 0.1 * (0 - 1)
+    assert step["env/all/format"] == 0.0 and step["env/all/correct"] == 0.0
+    assert step["env/all/reward/total"] == pytest.approx(-0.1)
+    # trained on what it sampled: the training pass's logprobs of the 2048 rollouts are the sampler's
+    assert step["optim/entropy"] > 0 and abs(step["optim/kl_sample_train_v1"]) < 1e-4
+    assert [(c["name"], c["batch"]) for c in checkpoints(log)] == [("final", 1)]
 
 
 @pytest.mark.parametrize("way", WAYS)
