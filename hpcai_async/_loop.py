@@ -36,6 +36,7 @@ lives on, chosen by the first call:
      ``RuntimeError`` at once naming the coroutine to await, instead of deadlocking.
 
 When the bound loop has been closed (a script that calls ``asyncio.run`` twice), the next call binds again.
+(Over 400 lines: the binding rules above and the wrappers that apply them are one concern, read together.)
 """
 
 from __future__ import annotations
