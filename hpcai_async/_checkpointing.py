@@ -23,6 +23,7 @@ stays execution order.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -79,7 +80,11 @@ class CheckpointMethods:
         return self._transport.binding
 
     def _save_body(
-        self, name: str, ttl_seconds: int | None, checkpoint_type: str | None = None
+        self,
+        name: str,
+        ttl_seconds: int | None,
+        checkpoint_type: str | None = None,
+        user_metadata: Mapping[str, str] | None = None,
     ) -> tuple[SaveWeightsRequest, tuple[str, ...]]:
         """The save request, and the server features its extension fields (sent only when given) need."""
         body = SaveWeightsRequest(model_id=self.model_id, path=name)
@@ -87,6 +92,9 @@ class CheckpointMethods:
         if ttl_seconds is not None:
             body.ttl_seconds = ttl_seconds
             needs += (_TTL_FEATURE,)
+        if user_metadata is not None:
+            body.user_metadata = dict(user_metadata)
+            needs += ("user_metadata",)
         if checkpoint_type is not None:
             body.checkpoint_type = checkpoint_type
             needs += (_TYPE_FEATURE,)
@@ -96,28 +104,29 @@ class CheckpointMethods:
 
     @on_client_loop
     async def save_state_async(
-        self, name: str, ttl_seconds: int | None = None
+        self, name: str, ttl_seconds: int | None = None, *, user_metadata: Mapping[str, str] | None = None
     ) -> APIFuture[SaveWeightsResponse]:
         """Save the training state (weights and optimizer) as checkpoint ``name``; the result has its path.
 
         ``ttl_seconds`` (1 s to ten years): the server deletes the checkpoint that long after saving it
         (feature ``"ttl"`` of the local server: ``UnsupportedFeatureError`` before anything is sent
-        elsewhere). None keeps it until it is deleted.
+        elsewhere). None keeps it until it is deleted. ``user_metadata`` (upstream Tinker's; str to str) is
+        kept with the checkpoint and shown in its listing (feature ``"user_metadata"``).
         """
-        body, needs = self._save_body(name, ttl_seconds)
+        body, needs = self._save_body(name, ttl_seconds, user_metadata=user_metadata)
         return await self._orders.op("save_weights", body, SaveWeightsResponse, "SaveWeights", needs)
 
     save_state = submit(save_state_async)
 
     @on_client_loop
     async def save_weights_for_sampler_async(
-        self, name: str, ttl_seconds: int | None = None
+        self, name: str, ttl_seconds: int | None = None, *, user_metadata: Mapping[str, str] | None = None
     ) -> APIFuture[SaveWeightsForSamplerResponse]:
         """Save sampler weights as checkpoint ``name``; sample from the returned path.
 
-        ``ttl_seconds``: as for ``save_state_async``.
+        ``ttl_seconds``, ``user_metadata``: as for ``save_state_async``.
         """
-        body, needs = self._save_body(name, ttl_seconds)
+        body, needs = self._save_body(name, ttl_seconds, user_metadata=user_metadata)
         return await self._orders.op(
             "save_weights_for_sampler", body, SaveWeightsForSamplerResponse, "SaveWeightsForSampler", needs
         )

@@ -152,6 +152,8 @@ def test_ttl_needs_the_servers_feature_and_nothing_is_sent_without_it(server_fac
             assert refused.value.feature == "ttl"
             with pytest.raises(UnsupportedFeatureError):
                 await tc.save_weights_for_sampler_async("brief", ttl_seconds=60)
+            with pytest.raises(UnsupportedFeatureError, match="'user_metadata'"):
+                await tc.save_state_async("tagged", user_metadata={"step": "4"})
             saved = await (await tc.save_state_async("plain"))  # the sequence goes on
             assert saved.path.endswith("/plain_training")
 
@@ -159,6 +161,28 @@ def test_ttl_needs_the_servers_feature_and_nothing_is_sent_without_it(server_fac
         run(lambda: main(proxy.url))
         bodies = [_body(r) for r in proxy.requests if r.endpoint == "save_weights"]
     assert bodies == [{"model_id": bodies[0]["model_id"], "path": "plain"}]  # no ttl_seconds field
+
+
+def test_listings_show_a_checkpoints_expiry_and_metadata(null_server: LocalServer) -> None:
+    async def main() -> None:
+        async with client(null_server) as service:
+            tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
+            before = dt.datetime.now(dt.timezone.utc)
+            await (await tc.save_state_async("tagged", 3600, user_metadata={"step": "4", "note": "warm"}))
+            await (await tc.save_weights_for_sampler_async("plain"))
+            with pytest.raises(BadRequestError, match="user_metadata: at most 64 entries"):
+                await (await tc.save_state_async("crowded", user_metadata={str(i): "x" for i in range(65)}))
+            listed = await service.create_rest_client().list_checkpoints_async(tc.model_id)
+            by_id = {c.checkpoint_id: c for c in listed.checkpoints}
+            assert sorted(by_id) == ["plain_sampler", "tagged_training"]  # the refused save wrote nothing
+            tagged, plain = by_id["tagged_training"], by_id["plain_sampler"]
+            assert tagged.user_metadata == {"step": "4", "note": "warm"}
+            assert isinstance(tagged.expires_at, dt.datetime)
+            expected = before + dt.timedelta(seconds=3600)
+            assert abs((tagged.expires_at - expected).total_seconds()) < 30
+            assert plain.expires_at is msgspec.UNSET and plain.user_metadata is msgspec.UNSET
+
+    run(main)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

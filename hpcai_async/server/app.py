@@ -54,7 +54,7 @@ FEATURES = [
     "checkpoint_type",  # save_weights_for_sampler checkpoint_type: "base" (full weights) or "delta" (adapter)
     "full_param",  # create_model lora_config.rank 0: every weight trains (layout.py)
     "reference_forward",  # forward reference: true, and create_model reference: true (a frozen model)
-    "user_metadata",  # create_model user_metadata, shown by the training-run listing
+    "user_metadata",  # create_model and save user_metadata, shown by the run and checkpoint listings
 ]
 # What each dialect advertises: "local" is ours (every extension); "hosted" advertises what the hosted HPC-AI
 # service does (none), so a client talks to it exactly as to the hosted service (benchmarks, compatibility).

@@ -24,7 +24,7 @@ from .._errors import BadRequestError
 from .._wire import shorten
 from .engine_api import EngineAPI, check_lora_match
 from .expiry import TTL_MAX_SECONDS
-from .layout import FULL_PARAM, is_lora
+from .layout import FULL_PARAM, check_user_metadata, is_lora
 from .scheduler import ModelState
 from .store import CheckpointMeta, Store, check_name, checkpoint_id_for, checkpoint_path_for, utcnow
 
@@ -85,6 +85,7 @@ def new_checkpoint(req: types.SaveWeightsRequest, model: ModelState, kind: str) 
         assert isinstance(req.path, str)
         name = check_name(req.path, "path")
     ttl = check_ttl(req.ttl_seconds)
+    metadata = None if req.user_metadata is msgspec.UNSET else check_user_metadata(req.user_metadata)
     merged = check_checkpoint_type(req, model, kind)
     ckpt_id = checkpoint_id_for(name, kind)
     return CheckpointMeta(
@@ -98,6 +99,7 @@ def new_checkpoint(req: types.SaveWeightsRequest, model: ModelState, kind: str) 
         name=name,
         ttl_seconds=ttl,
         merged=merged,
+        user_metadata=metadata,
     )
 
 

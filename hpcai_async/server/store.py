@@ -109,6 +109,7 @@ class CheckpointMeta(msgspec.Struct, kw_only=True):
     ttl_seconds: int | None = None  # saved with ttl_seconds ("ttl"): deleted at ``expires``
     expires: _dt.datetime | None = None
     merged: bool = False  # a LoRA run's adapter merged into the base weights (checkpoint_type "base")
+    user_metadata: dict[str, str] | None = None  # given with the save ("user_metadata")
 
     def expired(self, now: _dt.datetime) -> bool:
         return self.expires is not None and self.expires <= now
@@ -119,6 +120,8 @@ class CheckpointMeta(msgspec.Struct, kw_only=True):
             checkpoint_type=self.checkpoint_type,
             time=self.time,
             checkpoint_path=self.checkpoint_path,
+            expires_at=self.expires if self.expires is not None else msgspec.UNSET,
+            user_metadata=self.user_metadata if self.user_metadata is not None else msgspec.UNSET,
         )
 
 

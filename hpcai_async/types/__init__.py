@@ -193,6 +193,7 @@ class SaveWeightsRequest(Struct, kw_only=True):
     path: str | UnsetType = UNSET
     seq_id: int | UnsetType = UNSET
     ttl_seconds: int | UnsetType = UNSET
+    user_metadata: dict[str, str] | UnsetType = UNSET  # upstream Tinker's (feature "user_metadata")
     checkpoint_type: str | UnsetType = UNSET
 
 

@@ -24,6 +24,10 @@ class Checkpoint(Struct, kw_only=True):
     checkpoint_type: CheckpointType
     time: _dt.datetime
     checkpoint_path: str
+    # upstream Tinker's, sent by our server only when set: when a checkpoint saved with ttl_seconds expires,
+    # and the user_metadata it was saved with
+    expires_at: _dt.datetime | UnsetType = UNSET
+    user_metadata: dict[str, str] | UnsetType = UNSET
 
 
 class ParsedCheckpointPath(Struct, kw_only=True):
