@@ -167,7 +167,7 @@ def test_listings_show_a_checkpoints_expiry_and_metadata(null_server: LocalServe
     async def main() -> None:
         async with client(null_server) as service:
             tc = await service.create_lora_training_client_async(NULL_MODEL, rank=4)
-            before = dt.datetime.now(dt.timezone.utc)
+            before = dt.datetime.now(dt.UTC)
             await (await tc.save_state_async("tagged", 3600, user_metadata={"step": "4", "note": "warm"}))
             await (await tc.save_weights_for_sampler_async("plain"))
             with pytest.raises(BadRequestError, match="user_metadata: at most 64 entries"):
