@@ -321,7 +321,18 @@ def test_sync_future_cancel(null_server: HasURL) -> None:
 
 
 def test_instant_results_come_inline_without_a_retrieve_future(null_server: HasURL) -> None:
-    """Where the server offers "inline_result", a job done within the wait needs one request, not two."""
+    """Where the server offers "inline_result", a job done within the wait needs one request, not two.
+
+    The client asks for a 10 ms wait: on a loaded machine an instant job can miss it (and is then polled, as
+    it must be), so the round is tried up to three times and one of them must need no poll at all."""
+    for _ in range(3):
+        retrieves = _inline_round(null_server)
+        if not retrieves:
+            return
+    assert retrieves == []
+
+
+def _inline_round(null_server: HasURL) -> list[Any]:
     with FaultProxy(null_server.url) as proxy:
 
         async def main() -> None:
@@ -341,7 +352,7 @@ def test_instant_results_come_inline_without_a_retrieve_future(null_server: HasU
     submits = proxy.find("forward_backward") + proxy.find("optim_step") + proxy.find("asample")
     assert len(submits) == 3
     assert all(r.headers["x-hpcai-async-inline-wait"] for r in submits)
-    assert proxy.find("retrieve_future") == []
+    return list(proxy.find("retrieve_future"))
 
 
 def test_a_sampler_throttled_forever_fails_when_its_budget_is_spent(null_server: HasURL) -> None:
