@@ -1,11 +1,13 @@
-"""Client test helpers: coroutines on asyncio or uvloop (loop errors fail the test), data, clients, and a slow
-sampling engine with a server-side count of the samples in flight."""
+"""Client test helpers: coroutines on asyncio or uvloop (loop errors fail the test), data, clients, a slow
+sampling engine with a server-side count of the samples in flight, and the built-in model (or a checkpoint
+folder) loaded by plain transformers, the reference that server numbers are checked against."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import time
+import warnings
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -136,3 +138,28 @@ class InFlight:
             delivered(record)
 
         scheduler.submit_sample, scheduler.delivered = counting_submit, counting_delivered
+
+
+def hf_model(folder: Any = None, *, frozen: bool = True) -> Any:
+    """The model in ``folder`` (default: the built-in one) by plain transformers, as a user would load it:
+    float32, eval mode, and (``frozen``) without gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hpcai_async.server.models import BUILTIN_DIR
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(str(folder or BUILTIN_DIR), dtype=torch.float32)
+    return model.eval().requires_grad_(not frozen)
+
+
+def hf_tokenizer() -> Any:
+    """The built-in model's tokenizer by plain transformers."""
+    from transformers import AutoTokenizer
+
+    from hpcai_async.server.models import BUILTIN_DIR
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoTokenizer.from_pretrained(str(BUILTIN_DIR))

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
-from client_fixtures import client, datum, run
+from client_fixtures import client, datum, hf_model, run
 
 from hpcai_async import (
     APITimeoutError,
@@ -421,15 +421,8 @@ def test_a_failed_restore_leaves_no_run_loaded_on_the_real_engine(server: LocalS
 @pytest.fixture(scope="module")
 def plain_model() -> Any:
     """The built-in model loaded by plain transformers, as the server builds it (float32)."""
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    from hpcai_async.server.models import BUILTIN_DIR
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(BUILTIN_DIR), dtype=torch.float32)
-    return model.eval().requires_grad_(False)
+    pytest.importorskip("torch")
+    return hf_model()
 
 
 def _direct_logprobs(model: Any, ids: list[int]) -> np.ndarray:

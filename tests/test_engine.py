@@ -18,6 +18,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from client_fixtures import hf_model, hf_tokenizer  # noqa: E402
+
 from hpcai_async import types  # noqa: E402
 from hpcai_async._errors import BadRequestError, ConfigurationError, NotFoundError  # noqa: E402
 from hpcai_async.server.engine import Engine  # noqa: E402
@@ -38,23 +40,13 @@ def engine(real_engine: Engine) -> Engine:
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    from transformers import AutoTokenizer
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoTokenizer.from_pretrained(str(BUILTIN_DIR))
+    return hf_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def plain() -> Any:
     """A second copy of the built-in model, loaded by plain transformers (no engine, no PEFT)."""
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(BUILTIN_DIR), dtype=torch.float32)
-    model.eval().requires_grad_(False)
-    return model
+    return hf_model()
 
 
 @pytest.fixture

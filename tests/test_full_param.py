@@ -8,13 +8,12 @@ the built-in model trained with the same losses (written out from the Tinker for
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
 import msgspec
 import numpy as np
 import pytest
-from client_fixtures import client, datum, run, small_batch
+from client_fixtures import client, datum, hf_model, hf_tokenizer, run, small_batch
 from fault_proxy import FaultProxy
 
 import hpcai_async
@@ -26,7 +25,7 @@ from test_engine import direct_logprobs  # noqa: E402
 from test_optim_losses import TEXTS, accumulation_calls, ce, direct_terms, loss_token_counts, rl  # noqa: E402
 
 from hpcai_async.server.engine.losses import LOSSES  # noqa: E402
-from hpcai_async.server.models import BUILTIN_DIR, BUILTIN_NAME  # noqa: E402
+from hpcai_async.server.models import BUILTIN_NAME  # noqa: E402
 
 Call = tuple[str, list[types.Datum], Any]
 ADAM = types.AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-3, weight_decay=0.3)
@@ -34,21 +33,7 @@ ADAM = types.AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-3, weig
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    from transformers import AutoTokenizer
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoTokenizer.from_pretrained(str(BUILTIN_DIR))
-
-
-def hf_model(folder: Any = BUILTIN_DIR) -> Any:
-    """The model in ``folder`` (the built-in one, or a full-parameter checkpoint) by plain transformers."""
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    return model.eval()
+    return hf_tokenizer()
 
 
 def ids_of(d: types.Datum) -> list[int]:

@@ -8,13 +8,12 @@ lacks the features (the hosted dialect), the client refuses before sending anyth
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
 import msgspec
 import numpy as np
 import pytest
-from client_fixtures import client, run
+from client_fixtures import client, hf_model, hf_tokenizer, run
 from fault_proxy import FaultProxy
 
 import hpcai_async
@@ -24,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 from test_engine import HandLoRA, direct_logprobs  # noqa: E402
 
-from hpcai_async.server.models import BUILTIN_DIR, BUILTIN_NAME  # noqa: E402
+from hpcai_async.server.models import BUILTIN_NAME  # noqa: E402
 
 TEXTS = ["Q: What color is the sky?\nA: blue\n", "3+4=7\n5+6=11\n", "The small cat sat.", "Hello there!"]
 RANK = 4
@@ -32,21 +31,12 @@ RANK = 4
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    from transformers import AutoTokenizer
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoTokenizer.from_pretrained(str(BUILTIN_DIR))
+    return hf_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def plain() -> Any:
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(BUILTIN_DIR), dtype=torch.float32)
-    return model.eval().requires_grad_(False)
+    return hf_model()
 
 
 def ce(ids: list[int], weights: np.ndarray) -> types.Datum:

@@ -7,13 +7,12 @@ tensor payloads that read as bytes, types that alias the caller's buffers, defau
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
 import msgspec
 import numpy as np
 import pytest
-from client_fixtures import client, datum, run
+from client_fixtures import client, datum, hf_model, run
 
 from hpcai_async import _tensor, types
 
@@ -24,15 +23,8 @@ NULL_MODEL = "null/instant"
 @pytest.fixture(scope="module")
 def plain_model() -> Any:
     """The built-in model loaded by plain transformers: the reference for logprobs."""
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    from hpcai_async.server.models import BUILTIN_DIR
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(BUILTIN_DIR), dtype=torch.float32)
-    return model.eval().requires_grad_(False)
+    pytest.importorskip("torch")
+    return hf_model()
 
 
 def _direct_logprobs(model: Any, ids: list[int]) -> list[float]:

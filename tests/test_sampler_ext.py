@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 import pytest
 from aiohttp import ClientSession
-from client_fixtures import client, datum, run
+from client_fixtures import client, datum, hf_model, run
 from fault_proxy import FaultProxy
 
 from hpcai_async import (
@@ -45,17 +45,6 @@ def _folder(srv: LocalServer, path: str) -> Path:
 def _engine_json(srv: LocalServer, path: str) -> dict[str, Any]:
     meta: dict[str, Any] = json.loads((_folder(srv, path) / "engine.json").read_text())
     return meta
-
-
-def _hf_model(folder: Path) -> Any:
-    """The model in ``folder`` loaded by plain transformers (float32), as a user would."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    return model.eval().requires_grad_(False)
 
 
 def _direct_logprobs(model: Any, ids: list[int]) -> np.ndarray:
@@ -125,9 +114,9 @@ def test_base_and_delta_of_a_lora_run_serve_the_runs_logprobs_and_base_is_merged
     meta = json.loads((base / "meta.json").read_text())
     assert meta["merged"] is True and meta["lora_config"]["rank"] == 0  # the layout of its weights
     assert json.loads((delta / "meta.json").read_text())["merged"] is False
-    merged = _direct_logprobs(_hf_model(base), IDS)  # plain transformers, no PEFT: really merged weights
+    merged = _direct_logprobs(hf_model(base), IDS)  # plain transformers, no PEFT: really merged weights
     np.testing.assert_allclose(merged, served, atol=1e-4)
-    untrained = _direct_logprobs(_hf_model(BUILTIN_DIR), IDS)
+    untrained = _direct_logprobs(hf_model(BUILTIN_DIR), IDS)
     assert np.abs(served - untrained).max() > 1e-3  # training changed the model: the test can fail
 
 
@@ -164,7 +153,7 @@ def test_a_lora_adapter_on_a_tied_lm_head_cannot_merge_but_one_on_attention_can(
             served = await _forward(attn, IDS)
             saved = await attn.save_weights_for_sampler_ext_async("m", checkpoint_type="base")
             np.testing.assert_allclose(await _sampled(service, saved.path, IDS), served, atol=1e-4)
-            merged = _direct_logprobs(_hf_model(_folder(srv, saved.path)), IDS)
+            merged = _direct_logprobs(hf_model(_folder(srv, saved.path)), IDS)
             np.testing.assert_allclose(merged, served, atol=1e-4)
 
     try:
@@ -199,7 +188,7 @@ def test_a_full_param_runs_base_serves_its_weights_and_delta_is_a_400(server: Lo
     for result in saved:
         assert _engine_json(server, result.path)["checkpoint_type"] == "base"
         assert json.loads((_folder(server, result.path) / "meta.json").read_text())["merged"] is False
-        loaded = _direct_logprobs(_hf_model(_folder(server, result.path)), IDS)
+        loaded = _direct_logprobs(hf_model(_folder(server, result.path)), IDS)
         np.testing.assert_allclose(loaded, served, atol=1e-4)
 
 

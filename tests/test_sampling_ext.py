@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import pickle
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ import msgspec
 import numpy as np
 import pytest
 from aiohttp import ClientSession
-from client_fixtures import InFlight, SlowSampler, client, run
+from client_fixtures import InFlight, SlowSampler, client, hf_model, run
 
 from hpcai_async import (
     AdaptiveConcurrencyController,
@@ -31,7 +30,7 @@ from hpcai_async._tokenizer import load_tokenizer
 from hpcai_async._wire import QUEUE_DURATION_MS
 from hpcai_async.server import NULL_MODEL, LocalServer
 from hpcai_async.server.engine_api import MAX_TOPK_PROMPT_LOGPROBS
-from hpcai_async.server.models import BUILTIN_DIR, BUILTIN_NAME
+from hpcai_async.server.models import BUILTIN_NAME
 
 Factory = Callable[..., LocalServer]
 PARAMS = {"max_tokens": 2, "seed": 1, "stop": None, "temperature": 1, "top_k": -1, "top_p": 1}
@@ -104,13 +103,8 @@ def test_results_say_how_long_the_sample_waited_in_the_queue(server_factory: Fac
 @pytest.fixture(scope="module")
 def plain() -> Any:
     """The built-in model loaded by plain transformers (no engine)."""
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(BUILTIN_DIR), dtype=torch.float32)
-    return model.eval().requires_grad_(False)
+    pytest.importorskip("torch")
+    return hf_model()
 
 
 def _direct_topk(plain: Any, ids: list[int], k: int) -> tuple[Any, Any, Any]:
