@@ -48,7 +48,9 @@ class ServiceClient(QueueStateObserver):
     request, ``poll_timeout`` (45 s) that of a ``retrieve_future`` long-poll. ``default_headers`` and
     ``default_query`` go with every request. The official ``http_client`` (an httpx client) is refused, and
     ``_strict_response_validation`` is accepted and has no effect (answers are always validated). Use it as
-    ``with`` / ``async with``, or call ``close()`` / ``aclose()``.
+    ``with`` / ``async with``, or call ``close()`` / ``aclose()``; ``cleanup_on_close`` (``"keep"``, the
+    official behaviour: runs outlive the client; ``"unload"``, ``"delete"``) says what closing releases of
+    the runs this client created (see ``_setup``).
     """
 
     def __init__(
