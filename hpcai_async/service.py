@@ -1,26 +1,27 @@
 """ServiceClient: configuration, the shared session, and the factory of training, sampling, REST clients.
 
 Over 400 lines: it is the public entry point, and most of it is the plain and ``_async`` forms of each factory
-with their docstrings; what the factories do is in ``_create``, ``_restore`` and ``_setup``.
+with their docstrings; what the factories do is in ``_create``, ``_restore`` and ``_setup``, the options' checks
+in ``_config``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from ._config import make_transport
 from ._create import attach_only, create_for_pair, create_run
 from ._deadline import Deadline
 from ._errors import ConfigurationError
 from ._futures import QueueStateObserver
-from ._http import DEFAULT_BASE_URL, REQUEST_READ_TIMEOUT, Transport
+from ._http import REQUEST_READ_TIMEOUT
 from ._loop import LoopBinding, blocking, on_client_loop
 from ._poll import POLL_READ_TIMEOUT
 from ._restore import restore
-from ._retry import DEFAULT_RETRY_TIMEOUT, RetryConfig, RetryPolicy
+from ._retry import DEFAULT_RETRY_TIMEOUT, RetryConfig
 from ._setup import Cleanup, check_cleanup, release, set_up
 from .concurrency import ConcurrencyController
 from .deployment import DeploymentSampler
@@ -70,36 +71,18 @@ class ServiceClient(QueueStateObserver):
         _strict_response_validation: bool = True,
         cleanup_on_close: Cleanup = "keep",
     ) -> None:
-        base_url = base_url or os.environ.get("HPCAI_BASE_URL") or DEFAULT_BASE_URL
-        api_key = api_key or os.environ.get("HPCAI_API_KEY")
-        if not api_key:
-            raise ConfigurationError("no API key: pass ServiceClient(api_key=...) or set HPCAI_API_KEY")
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if connection_limit < 1:
-            raise ConfigurationError(f"connection_limit must be at least 1, got {connection_limit}")
-        if http_client is not None:
-            raise ConfigurationError(
-                "http_client: hpcai_async has its own aiohttp session, not an httpx client; use "
-                "connection_limit=, timeout=, default_headers= instead"
-            )
-        if timeout is not None:  # the official keyword: a number, or an httpx.Timeout (its read timeout)
-            timeout = getattr(timeout, "read", timeout)
-            request_timeout = float(timeout) if timeout is not None else request_timeout
-        if retry_timeout < 0 or request_timeout <= 0 or poll_timeout <= 0:
-            raise ConfigurationError(
-                "retry_timeout must be >= 0, request_timeout (timeout) and poll_timeout > 0; got "
-                f"{retry_timeout}, {request_timeout}, {poll_timeout}"
-            )
-        self._transport = Transport(
+        self._transport = make_transport(
             base_url,
             api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            default_headers=default_headers,
+            default_query=default_query,
+            http_client=http_client,
             connection_limit=connection_limit,
-            retry=RetryPolicy(timeout=retry_timeout, max_retries=max_retries),
+            retry_timeout=retry_timeout,
             request_timeout=request_timeout,
             poll_timeout=poll_timeout,
-            headers=default_headers,
-            params=default_query,
         )
 
         # training clients by (base_model, lora_rank): those create_training_client made (one per pair,
