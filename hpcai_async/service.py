@@ -1,8 +1,8 @@
 """ServiceClient: configuration, the shared session, and the factory of training, sampling, REST clients.
 
 Over 400 lines: it is the public entry point, and most of it is the plain and ``_async`` forms of each factory
-with their docstrings; what the factories do is in ``_create``, ``_restore`` and ``_setup``, the options' checks
-in ``_config``.
+with their docstrings; what the factories do is in ``_create``, ``_restore`` and ``_setup``, the options'
+checks in ``_config``.
 """
 
 from __future__ import annotations
