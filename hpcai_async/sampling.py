@@ -83,6 +83,8 @@ class SamplingClient(QueueStateObserver):
         self.retry_config = retry_config
         self.concurrency_controller = concurrency_controller
         self.model_path = model_path
+        # what each request sends: the hosted scheme (a tinker:// path as the same hpcai:// one), made once
+        self._wire_model_path = _wire.wire_path(model_path) if model_path is not None else msgspec.UNSET
         self.base_model = base_model
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -127,7 +129,7 @@ class SamplingClient(QueueStateObserver):
             sampling_params=sampling_params,
             num_samples=num_samples,
             base_model=self.base_model if self.base_model is not None else msgspec.UNSET,
-            model_path=_wire.wire_path(self.model_path) if self.model_path is not None else msgspec.UNSET,
+            model_path=self._wire_model_path,
             prompt_logprobs=include_prompt_logprobs,
             topk_prompt_logprobs=topk_prompt_logprobs or msgspec.UNSET,
         )
