@@ -5,8 +5,6 @@ retries. Above it ``call`` adds the client's policy (PROTOCOL.md §1, §3, §4):
 
 * every request carries ``X-API-Key``, ``Accept`` and ``User-Agent: hpcai_async/<version>``; a non-GET request
   carries an ``X-Idempotency-Key`` that stays the same across its retries;
-* redirects are followed only within the base URL's origin (scheme, host, port), so the API key never goes
-  to another server; a redirect elsewhere is an error that names where it pointed;
 * retries follow ``_retry`` (which failures, how long to wait, one budget per operation);
 * a 429 on a sampling request is backpressure: it opens a short window, shared by every sampler of the
   ServiceClient, in which no sampling request is sent (the wait is spent from the request's budget);
@@ -14,9 +12,9 @@ retries. Above it ``call`` adds the client's policy (PROTOCOL.md §1, §3, §4):
 * with ``"batch"`` requests made while others are on the wire go together (``_batch``); with
   ``"inline_result"`` a submit's answer may carry its result; futures are long-polled (``_poll``).
 
-It is longer than most modules (~550 lines) because the one object every client shares is here whole: the
-session's life on whichever loop uses it, the server's capabilities, the seam, and the policy just above it.
-The decisions themselves live in ``_retry``, ``_wire``, ``_batch`` and ``_poll``.
+The HTTP exchange itself (aiohttp, same-origin redirects, streamed downloads) is ``_exchange``; the decisions
+live in ``_retry``, ``_wire``, ``_batch`` and ``_poll``. Here: the session's life on whichever loop uses it,
+the server's capabilities, and the policy just above the seam.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from functools import cache
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 
 import msgspec
@@ -41,10 +38,10 @@ from ._errors import (
     APIStatusError,
     ConfigurationError,
     NotFoundError,
-    PermissionDeniedError,
     UnsupportedFeatureError,
     error_for_status,
 )
+from ._exchange import CONNECT_TIMEOUT, aiohttp_module, connection_errors, describe, exchange
 from ._loop import LoopBinding, close_at_exit
 from ._poll import POLL_READ_TIMEOUT, Poller, poll_request
 from ._retry import RetryBudget, RetryPolicy
@@ -61,30 +58,12 @@ T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://www.hpc-ai.com/finetunesdk"  # the HPC-AI README's value (PROTOCOL.md §1.1)
 USER_AGENT = f"hpcai_async/{__version__}"
-CONNECT_TIMEOUT = 5.0  # s, as the official client (PROTOCOL.md §1.4)
 REQUEST_READ_TIMEOUT = 60.0  # s, the official client's request timeout
 SAMPLE_BACKOFF = 1.0  # s: the sampling backpressure window after a 429 without Retry-After (§6.6)
-MAX_REDIRECTS = 10
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant bits of a UUID ...
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)  # ... set for version 4, RFC 4122 variant
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 INLINE_WAIT = {_wire.INLINE_WAIT_HEADER: str(_wire.INLINE_WAIT_SUBMIT)}
 BATCH_INLINE_WAIT = {_wire.INLINE_WAIT_HEADER: str(_wire.INLINE_WAIT_BATCH)}  # all the results of a batch
-
-
-@cache
-def aiohttp_module() -> Any:
-    """aiohttp, imported on first use: it is half of the package's import time (its SSL set-up)."""
-    import aiohttp
-
-    return aiohttp
-
-
-@cache
-def connection_errors() -> tuple[type[BaseException], ...]:
-    """What a broken connection raises (retried): aiohttp's connection and payload errors, and timeouts."""
-    aio = aiohttp_module()
-    return (aio.ClientConnectionError, aio.ClientPayloadError, TimeoutError)
 
 
 def decode(payload: bytes, content_type: str, tp: type[T]) -> T:
@@ -94,29 +73,6 @@ def decode(payload: bytes, content_type: str, tp: type[T]) -> T:
     except msgspec.DecodeError as exc:
         raise APIError(f"unexpected response from the server for {tp.__name__}: {exc}") from None
     return result
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-@cache
-def _raw_body_class() -> Any:
-    aio = aiohttp_module()
-
-    class RawBody(aio.BytesPayload):  # type: ignore[misc,name-defined]
-        """An encoded body, sent as it is.
-
-        aiohttp warns about ``bytes`` bodies over 1 MiB (as if writing them could block the loop); writing to
-        a socket transport only buffers them, and a batch of tensors is often larger than that.
-        """
-
-        def __init__(self, value: bytes, content_type: str) -> None:
-            aio.payload.Payload.__init__(self, value, content_type=content_type)
-            self._size = len(value)
-
-    return RawBody
 
 
 class CallOptions(TypedDict, total=False):
@@ -356,47 +312,8 @@ class Transport:
         return self.api_url + path
 
     async def send(self, request: Request) -> Answer:
-        """One HTTP exchange, no retries; redirects are followed only within the base URL's origin.
-
-        With ``request.sink`` a 2xx body is handed to it block by block (and ``payload`` is empty); a body
-        shorter than its ``Content-Length`` raises ``ClientPayloadError`` (a broken connection).
-        """
-        method, data = request.method, request.data
-        body = None if data is None else _raw_body_class()(data, request.headers["Content-Type"])
-        options: dict[str, Any] = {"allow_redirects": False, "headers": request.headers}
-        if request.read_timeout is not None:
-            options["timeout"] = _read_timeout(request.read_timeout)
-        url: Any = self.url(request.path)
-        params = {**self.params, **request.params} if request.params else (self.params or None)
-        for _ in range(MAX_REDIRECTS + 1):
-            async with self.session().request(method, url, data=body, params=params, **options) as resp:
-                if resp.status in _REDIRECTS and "Location" in resp.headers:
-                    url = self._redirect_target(request, resp.url, resp.headers["Location"])
-                    params = None  # the Location is the whole new URL
-                    if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
-                        method, body = "GET", None
-                    continue
-                if request.sink is not None and resp.status < 300:
-                    await _stream(resp, request.sink)
-                    return Answer(resp.status, b"", resp.content_type, resp.headers)
-                return Answer(resp.status, await resp.read(), resp.content_type, resp.headers)
-        raise APIConnectionError(f"{request.method} {request.path}: more than {MAX_REDIRECTS} redirects")
-
-    def _redirect_target(self, request: Request, current: Any, location: str) -> Any:
-        """Where a redirect leads, if it stays within the base URL's origin; else PermissionDeniedError."""
-        from yarl import URL  # aiohttp's URL type
-
-        target = current.join(URL(location))
-        base = URL(self.base_url)
-        if (target.scheme, target.host, target.port) != (base.scheme, base.host, base.port):
-            raise PermissionDeniedError(
-                f"{request.method} {request.path}: the server redirected to "
-                f"{_wire.shorten(str(target.origin()))}, another origin than {base.origin()}; not followed, "
-                "so the API key is not sent there (set base_url to the service's real address)",
-                status=403,
-                code="cross_origin_redirect",
-            )
-        return target
+        """One HTTP exchange, no retries: ``_exchange.exchange``."""
+        return await exchange(self.session(), self.url(request.path), self.base_url, self.params, request)
 
     # ----------------------------------------------------------------------------------------- policy
 
@@ -572,20 +489,3 @@ class Transport:
             on_queue_state=on_queue_state,
             on_headers=on_headers,
         )
-
-
-@cache
-def _read_timeout(seconds: float) -> Any:
-    """aiohttp's timeout for a request with its own read timeout (one object per value: they are frozen)."""
-    return aiohttp_module().ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=seconds)
-
-
-async def _stream(resp: Any, sink: Any) -> None:
-    total = resp.content_length
-    written = 0
-    await sink(b"", total)  # a body starts (again, on a retry): the sink starts over
-    async for block in resp.content.iter_chunked(1 << 20):
-        written += len(block)
-        await sink(block, total)
-    if total is not None and written != total:
-        raise aiohttp_module().ClientPayloadError(f"the body ended after {written} of {total} bytes")

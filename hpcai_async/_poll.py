@@ -21,6 +21,7 @@ import msgspec
 
 from . import _retry, _wire
 from ._errors import APIError, APIStatusError, RequestFailedError, error_for_status
+from ._exchange import describe
 from ._wire import Answer, Request
 from .types import FutureRetrieveRequest
 
@@ -84,7 +85,7 @@ class Poller:
                 else:
                     answer = await send(request._replace(headers=dict(headers)))
             except self.retryable as exc:
-                failure, status = _describe(exc), None
+                failure, status = describe(exc), None
             else:
                 status = answer.status
                 if status == 200 or status == 408:
@@ -178,8 +179,3 @@ def _decode(answer: Answer, tp: type[T]) -> T:
     except msgspec.DecodeError as exc:
         raise APIError(f"unexpected response from the server for {tp.__name__}: {exc}") from None
     return decoded
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
