@@ -4,7 +4,7 @@ Request: 64 datums x 2048 tokens (token ids drawn from a 151,936-token vocabular
 float32 weights with the prompt quarter masked), built from numpy arrays, up to the request body bytes.
 
 - ours: ``types.Datum`` / ``ForwardBackwardRequest`` from the arrays, then the client's own encoder
-  (``hpcai_async._http``) — JSON (hosted service) or MessagePack with raw tensor bytes (our server).
+  (``hpcai_async._wire``) — JSON (hosted service) or MessagePack with raw tensor bytes (our server).
 - official: what hpcai 0.2.0 does for the same call — ``TensorData.from_numpy``, ``ModelInput.from_ints``,
   ``Datum``, ``ForwardBackwardInput(...).model_dump()``, ``maybe_transform`` to the request params, and
   httpx's JSON body (``httpx.Request(json=...)``), see ``hpcai/lib/public_interfaces/training_client.py``.
@@ -48,30 +48,16 @@ TINKER = "0.38.0"
 
 
 def _codecs() -> dict[str, Any]:
-    """The encoders/decoders the client really uses, keyed by wire format.
+    """The encoders/decoders the client really uses (``hpcai_async._wire``), keyed by wire format."""
+    from hpcai_async import _wire
 
-    They live in ``hpcai_async._wire`` once the transport split lands, in ``hpcai_async._http`` before it.
-    """
-    try:
-        from hpcai_async import _wire  # type: ignore[attr-defined]
-
-        def wire(msgpack: bool) -> dict[str, Any]:
-            return {
-                "encode": lambda body: _wire.encode(body, msgpack)[0],
-                "decode": lambda body, tp: _wire.decoder(tp, msgpack).decode(body),
-            }
-
-        return {"json": wire(False), "msgpack": wire(True)}
-    except ImportError:
-        from hpcai_async import _http
-
-        def http(encoder: Any, content_type: str) -> dict[str, Any]:
-            return {"encode": encoder.encode, "decode": lambda body, tp: _http.decode(body, content_type, tp)}
-
+    def wire(msgpack: bool) -> dict[str, Any]:
         return {
-            "json": http(_http._JSON_ENCODER, _http.JSON),
-            "msgpack": http(_http._MSGPACK_ENCODER, _http.MSGPACK),
+            "encode": lambda body: _wire.encode(body, msgpack)[0],
+            "decode": lambda body, tp: _wire.decoder(tp, msgpack).decode(body),
         }
+
+    return {"json": wire(False), "msgpack": wire(True)}
 
 
 def _ours_request(arrays: dict[str, Any], batch: int) -> Any:

@@ -20,7 +20,7 @@ from ._wire import Answer, Request
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ("CONNECT_TIMEOUT", "aiohttp_module", "connection_errors", "describe", "exchange")
+__all__ = ("CONNECT_TIMEOUT", "aiohttp_module", "connection_errors", "describe", "exchange", "new_session")
 
 CONNECT_TIMEOUT = 5.0  # s, as the official client (PROTOCOL.md §1.4)
 MAX_REDIRECTS = 10
@@ -46,6 +46,17 @@ def describe(exc: BaseException) -> str:
     """``Type: message`` of an exception (the type alone when it has no message), for error texts."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def new_session(limit: int, headers: Mapping[str, str], read_timeout: float) -> aiohttp.ClientSession:
+    """A keep-alive session: ``limit`` connections, ``headers`` on every request, the default timeouts."""
+    aio = aiohttp_module()
+    session: aiohttp.ClientSession = aio.ClientSession(
+        connector=aio.TCPConnector(limit=limit),
+        headers=headers,
+        timeout=aio.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=read_timeout),
+    )
+    return session
 
 
 async def exchange(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
@@ -34,14 +33,11 @@ from . import _retry, _wire
 from ._batch import BATCH_MAX_BYTES, BATCH_SLOTS, POLL_SLOTS, Batcher
 from ._errors import (
     APIConnectionError,
-    APIError,
-    APIStatusError,
     ConfigurationError,
     NotFoundError,
     UnsupportedFeatureError,
-    error_for_status,
 )
-from ._exchange import CONNECT_TIMEOUT, aiohttp_module, connection_errors, describe, exchange
+from ._exchange import connection_errors, describe, exchange, new_session
 from ._loop import LoopBinding, close_at_exit
 from ._poll import POLL_READ_TIMEOUT, Poller, poll_request
 from ._retry import RetryBudget, RetryPolicy
@@ -60,19 +56,8 @@ DEFAULT_BASE_URL = "https://www.hpc-ai.com/finetunesdk"  # the HPC-AI README's v
 USER_AGENT = f"hpcai_async/{__version__}"
 REQUEST_READ_TIMEOUT = 60.0  # s, the official client's request timeout
 SAMPLE_BACKOFF = 1.0  # s: the sampling backpressure window after a 429 without Retry-After (§6.6)
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant bits of a UUID ...
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)  # ... set for version 4, RFC 4122 variant
 INLINE_WAIT = {_wire.INLINE_WAIT_HEADER: str(_wire.INLINE_WAIT_SUBMIT)}
 BATCH_INLINE_WAIT = {_wire.INLINE_WAIT_HEADER: str(_wire.INLINE_WAIT_BATCH)}  # all the results of a batch
-
-
-def decode(payload: bytes, content_type: str, tp: type[T]) -> T:
-    """Decode a response body (JSON or MessagePack, by its content type) into ``tp``."""
-    try:
-        result: T = _wire.decoder(tp, _wire.is_msgpack(content_type)).decode(payload)
-    except msgspec.DecodeError as exc:
-        raise APIError(f"unexpected response from the server for {tp.__name__}: {exc}") from None
-    return result
 
 
 class CallOptions(TypedDict, total=False):
@@ -86,14 +71,6 @@ class CallOptions(TypedDict, total=False):
     batch: bool
     budget: RetryBudget | None
     on_queue_state: Callable[[str], None] | None
-
-
-class _Retryable(Exception):
-    def __init__(self, failure: str, hint: float | None, status: int | None) -> None:
-        super().__init__(failure)
-        self.failure = failure
-        self.hint = hint
-        self.status = status
 
 
 class Transport:
@@ -205,14 +182,7 @@ class Transport:
             raise APIConnectionError("this ServiceClient is closed")
         session = self._session
         if session is None:
-            aio = aiohttp_module()
-            session = aio.ClientSession(
-                connector=aio.TCPConnector(limit=self.connection_limit),
-                headers=self._headers,
-                timeout=aio.ClientTimeout(
-                    total=None, sock_connect=CONNECT_TIMEOUT, sock_read=self.request_timeout
-                ),
-            )
+            session = new_session(self.connection_limit, self._headers, self.request_timeout)
             self._session = session
         return session
 
@@ -246,13 +216,6 @@ class Transport:
     def unordered_key(self) -> str:
         """``{session}:unordered:{n}``, n from 1 per ServiceClient: the key of a sampling request (§4.1)."""
         return f"{self.session_id}:unordered:{next(self._unordered)}"
-
-    @staticmethod
-    def auto_key() -> str:
-        """A fresh key for any other non-GET request (the official client's form)."""
-        # a random version-4 UUID, without a system call per key (uuid4 reads os.urandom) or a UUID object
-        h = f"{random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET:032x}"
-        return f"stainless-python-retry-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     async def capabilities(self) -> GetServerCapabilitiesResponse:
         """``GET get_server_capabilities``, fetched once per ServiceClient and cached."""
@@ -329,7 +292,7 @@ class Transport:
     async def request(self, method: str, path: str, result: type[T], **options: Unpack[CallOptions]) -> T:
         """``call`` (with retries), its answer decoded into ``result``."""
         answer = await self.call(method, path, **options)
-        return decode(answer.payload, answer.content_type, result)
+        return _wire.decode(answer.payload, answer.content_type, result)
 
     async def call(
         self,
@@ -360,7 +323,7 @@ class Transport:
         if msgpack:
             all_headers["Accept"] = _wire.ACCEPT_MSGPACK
         if method != "GET":
-            all_headers[_wire.IDEMPOTENCY_KEY] = key or self.auto_key()
+            all_headers[_wire.IDEMPOTENCY_KEY] = key or _wire.auto_key()
         features = self._features or frozenset()
         batched = batch and "batch" in features and data is not None and len(data) <= BATCH_MAX_BYTES
         request = Request(method, path, data, all_headers, params)
@@ -392,8 +355,8 @@ class Transport:
                     if on_queue_state is not None:
                         on_queue_state("active")
                     return answer
-                raise self.failure(request, answer)
-            except _Retryable as exc:
+                raise _retry.failure(request, answer)
+            except _retry.Retryable as exc:
                 failure, hint, status = exc.failure, exc.hint, exc.status
             except connection_errors() as exc:
                 failure, hint, status = describe(exc), None, None
@@ -405,15 +368,6 @@ class Transport:
                 budget.throttled(failure, status)  # spent from the budget; the window is the wait
                 continue
             await asyncio.sleep(budget.failed(failure, status, hint))
-
-    def failure(self, request: Request, answer: Answer) -> Exception:
-        """The exception for an error answer: ``_Retryable`` or the final ``APIStatusError``."""
-        status = answer.status
-        message, code = _wire.parse_error_body(answer.payload, answer.content_type)
-        if _retry.is_retryable(status, answer.headers):
-            return _Retryable(f"HTTP {status} ({message})", _retry.retry_after(answer.headers), status)
-        cls: type[APIStatusError] = error_for_status(status, code)
-        return cls(f"{request.method} {request.path}: HTTP {status}: {message}", status=status, code=code)
 
     # ----------------------------------------------------------------------------------------- backpressure
 
@@ -428,18 +382,17 @@ class Transport:
 
     # ----------------------------------------------------------------------------------------- futures
 
-    def _batch_headers(self) -> dict[str, str]:
-        headers = {_wire.IDEMPOTENCY_KEY: self.auto_key()}
-        if self.submit_headers:
-            headers.update(BATCH_INLINE_WAIT)
+    def _poll_batch_headers(self) -> dict[str, str]:
+        headers = {_wire.IDEMPOTENCY_KEY: _wire.auto_key()}
         if self.msgpack:
             headers["Accept"] = _wire.ACCEPT_MSGPACK
         return headers
 
-    def _poll_batch_headers(self) -> dict[str, str]:
-        headers = {_wire.IDEMPOTENCY_KEY: self.auto_key()}
-        if self.msgpack:
-            headers["Accept"] = _wire.ACCEPT_MSGPACK
+    def _batch_headers(self) -> dict[str, str]:
+        """A batch of submits: as a batch of polls, and asking for all their results inline where it can."""
+        headers = self._poll_batch_headers()
+        if self.submit_headers:
+            headers.update(BATCH_INLINE_WAIT)
         return headers
 
     async def poll(
@@ -469,7 +422,7 @@ class Transport:
             model_id,
             msgpack=msgpack,
             request_type=request_type,
-            key=self.auto_key(),
+            key=_wire.auto_key(),
             roundtrip=roundtrip,
             read_timeout=self._poller.read_timeout,
         )

@@ -89,7 +89,11 @@ class Poller:
             else:
                 status = answer.status
                 if status == 200 or status == 408:
-                    probe = _decode(answer, _Probe) if status == 200 else _STILL_QUEUED
+                    probe = (
+                        _wire.decode(answer.payload, answer.content_type, _Probe)
+                        if status == 200
+                        else _STILL_QUEUED
+                    )
                     if probe.type != "try_again":
                         budget.progress()
                         if on_headers is not None:
@@ -158,7 +162,7 @@ def _result(answer: Answer, probe: _Probe, result: type[T], request_id: str) -> 
     if probe.error is not None:
         message = probe.message if isinstance(probe.message, str) else str(probe.error)
         raise RequestFailedError(message, code=str(probe.error), request_id=request_id)
-    return _decode(answer, result)
+    return _wire.decode(answer.payload, answer.content_type, result)
 
 
 def _failure(answer: Answer, request_id: str) -> tuple[str, float | None]:
@@ -171,11 +175,3 @@ def _failure(answer: Answer, request_id: str) -> tuple[str, float | None]:
             f"retrieve_future: HTTP {status}: {message}", status=status, code=code, request_id=request_id
         )
     return f"HTTP {status} ({message})", _retry.retry_after(answer.headers)
-
-
-def _decode(answer: Answer, tp: type[T]) -> T:
-    try:
-        decoded: T = _wire.decoder(tp, _wire.is_msgpack(answer.content_type)).decode(answer.payload)
-    except msgspec.DecodeError as exc:
-        raise APIError(f"unexpected response from the server for {tp.__name__}: {exc}") from None
-    return decoded

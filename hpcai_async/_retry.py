@@ -16,14 +16,17 @@ import time
 from collections.abc import Mapping
 
 from . import _wire
-from ._errors import ConfigurationError, RetryBudgetExceededError
+from ._errors import APIStatusError, ConfigurationError, RetryBudgetExceededError, error_for_status
+from ._wire import Answer, Request
 
 __all__ = (
     "DEFAULT_RETRY_TIMEOUT",
     "RetryBudget",
     "RetryConfig",
     "RetryPolicy",
+    "Retryable",
     "backoff_delay",
+    "failure",
     "is_retryable",
     "retry_after",
 )
@@ -66,6 +69,26 @@ def is_retryable(status: int, headers: Mapping[str, str]) -> bool:
     if should in ("true", "false"):
         return should == "true"
     return status in RETRY_STATUSES or status >= 500
+
+
+class Retryable(Exception):
+    """An error answer to retry: what failed, the server's Retry-After (if any), the status."""
+
+    def __init__(self, failure: str, hint: float | None, status: int | None) -> None:
+        super().__init__(failure)
+        self.failure = failure
+        self.hint = hint
+        self.status = status
+
+
+def failure(request: Request, answer: Answer) -> Exception:
+    """The exception for an error answer: ``Retryable`` or the final ``APIStatusError``."""
+    status = answer.status
+    message, code = _wire.parse_error_body(answer.payload, answer.content_type)
+    if is_retryable(status, answer.headers):
+        return Retryable(f"HTTP {status} ({message})", retry_after(answer.headers), status)
+    cls: type[APIStatusError] = error_for_status(status, code)
+    return cls(f"{request.method} {request.path}: HTTP {status}: {message}", status=status, code=code)
 
 
 def backoff_delay(attempt: int, policy: RetryPolicy | None = None) -> float:

@@ -16,6 +16,7 @@ the other way round):
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Literal, NamedTuple, TypeVar
@@ -23,7 +24,7 @@ from typing import Any, Final, Literal, NamedTuple, TypeVar
 import msgspec
 
 from . import _tensor
-from ._errors import APIStatusError, ConfigurationError, HpcaiError, error_for_status
+from ._errors import APIError, APIStatusError, ConfigurationError, HpcaiError, error_for_status
 
 __all__ = (
     "ACCEPT_MSGPACK",
@@ -40,6 +41,8 @@ __all__ = (
     "checkpoint_id_for",
     "checkpoint_name",
     "checkpoint_path_for",
+    "auto_key",
+    "decode",
     "decoder",
     "encode",
     "error_body",
@@ -114,6 +117,17 @@ _MSGPACK_ENCODER = msgspec.msgpack.Encoder(enc_hook=_tensor.msgpack_enc_hook)
 _DECODERS: dict[tuple[Any, bool], msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]] = {}
 
 
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant bits of a UUID ...
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)  # ... set for version 4, RFC 4122 variant
+
+
+def auto_key() -> str:
+    """A fresh idempotency key for a request with none of its own (the official client's form)."""
+    # a random version-4 UUID, without a system call per key (uuid4 reads os.urandom) or a UUID object
+    h = f"{random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET:032x}"
+    return f"stainless-python-retry-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def is_msgpack(content_type: str) -> bool:
     """Whether a body of ``content_type`` is MessagePack (else it is read as JSON)."""
     return content_type in MSGPACK_TYPES
@@ -132,6 +146,16 @@ def decoder(tp: Any, msgpack: bool) -> msgspec.json.Decoder[Any] | msgspec.msgpa
     if dec is None:
         dec = _DECODERS[tp, msgpack] = msgspec.msgpack.Decoder(tp) if msgpack else msgspec.json.Decoder(tp)
     return dec
+
+
+def decode(payload: bytes, content_type: str, tp: type[T]) -> T:
+    """A response body (JSON or MessagePack, by its content type) decoded into ``tp``; ``APIError`` if it
+    is not one."""
+    try:
+        result: T = decoder(tp, is_msgpack(content_type)).decode(payload)
+    except msgspec.DecodeError as exc:
+        raise APIError(f"unexpected response from the server for {tp.__name__}: {exc}") from None
+    return result
 
 
 HOSTED_LOSSES: Final = ("cross_entropy", "importance_sampling", "ppo")  # PROTOCOL.md §5.3

@@ -28,7 +28,7 @@ import msgspec
 from . import _wire
 from ._errors import APIError, ConfigurationError, GoneError, NotFoundError
 from ._futures import QueueStateObserver
-from ._http import Transport, decode
+from ._http import Transport
 from ._loop import LoopBinding, future, on_client_loop
 from ._retry import RetryConfig
 from .concurrency import ConcurrencyController, FixedConcurrencyController, Slot
@@ -169,7 +169,7 @@ class SamplingClient(QueueStateObserver):
                 budget=budget,
                 on_queue_state=on_queue_state,
             )
-            submitted = decode(answer.payload, answer.content_type, UntypedAPIFuture)
+            submitted = _wire.decode(answer.payload, answer.content_type, UntypedAPIFuture)
             try:
                 return await transport.poll(
                     submitted.request_id,
