@@ -69,12 +69,55 @@ def port_source(source: str) -> str:
     return ported
 
 
-def serve(root: Path) -> LocalServer:
-    """The built-in model under every alias (a fresh server with its own store); the caller closes it."""
-    models = [f"{alias}={BUILTIN_NAME}" for alias in ALIASES]
+def serve(root: Path, base: Path | str = BUILTIN_NAME) -> LocalServer:
+    """``base`` (the built-in model, or a model folder) under every alias, a fresh server with its own store;
+    the caller closes it."""
+    models = [f"{alias}={base}" for alias in ALIASES]
     server = LocalServer(models=models, store=root / "store")
     server.__enter__()
     return server
+
+
+def build_warm_base(root: Path) -> Path:
+    """The built-in model tuned (plain PyTorch) to answer the RL recipes' "What is 2 + 2?" prompts with
+    ``\\boxed{4}`` or ``\\boxed{5}``, half and half: a base whose reward, 0.5 at the start, RL can raise.
+
+    The built-in model cannot earn those rewards (it never writes the ``\\boxed{}`` answer their graders
+    read); RL on a hosted model, too, starts from one that already follows the format. The prompts are the
+    recipes' own, rendered by the official cookbook (``_warm_examples.py``); the model's folder is
+    ``root / "warm-base"``, its ``examples.json`` those prompts and replies (see ``warm_examples``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    render = [sys.executable, str(TESTS / "_warm_examples.py"), str(cookbook_file("recipes/rl_loop.py"))]
+    proc = subprocess.run(render, env=program_env(root), capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    examples = json.loads(proc.stdout)
+    rows = [(e["prompt"], reply) for e in examples.values() for reply in e["replies"].values()]
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(BUILTIN, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3, weight_decay=0.0)
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, (prompt, reply) in enumerate(rows):
+        tokens = torch.tensor(prompt + reply)
+        ids[i, : len(tokens)] = tokens
+        labels[i, len(prompt) : len(tokens)] = tokens[len(prompt) :]
+    mask = (labels != -100) | (torch.arange(width) < torch.tensor([len(p) for p, _ in rows])[:, None])
+    model.train()
+    for _ in range(80):
+        loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = root / "warm-base"
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(BUILTIN / name, folder / name)
+    (folder / "examples.json").write_text(json.dumps(examples))
+    return folder
 
 
 def write_hf_cache(home: Path) -> Path:
@@ -96,6 +139,25 @@ def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> str:
     return str(path)
 
 
+def program_env(root: Path) -> dict[str, str]:
+    """The environment a program runs in (no server yet): the official cookbook importable after our
+    package, an offline HF cache under ``root``, no telemetry, no wandb."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HPCAI_", "HF_", "WANDB_"))}
+    env.update(
+        HPCAI_TELEMETRY="0",
+        HF_HOME=str(write_hf_cache(root / "hf")),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(root / "hf-datasets"),
+        WANDB_MODE="disabled",
+        PYTHONPATH=str(TESTS / "_official_site"),
+        HPCAI_TEST_APPEND_SITE=official_site_packages(),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
 @dataclass
 class Programs:
     """Runs programs for one test: a server, an HF cache, local datasets, a work folder."""
@@ -105,21 +167,11 @@ class Programs:
     datasets: dict[str, dict[str, str]]
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HPCAI_", "HF_", "WANDB_"))}
+        env = program_env(self.root)
         env.update(
             HPCAI_BASE_URL=self.server.url,
             HPCAI_API_KEY=self.server.api_key,
-            HPCAI_TELEMETRY="0",
-            HF_HOME=str(write_hf_cache(self.root / "hf")),
-            HF_HUB_OFFLINE="1",
-            HF_DATASETS_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            HF_DATASETS_CACHE=str(self.root / "hf-datasets"),
-            WANDB_MODE="disabled",
-            PYTHONPATH=str(TESTS / "_official_site"),
-            HPCAI_TEST_APPEND_SITE=official_site_packages(),
             HPCAI_TEST_DATASETS=json.dumps(self.datasets),
-            TOKENIZERS_PARALLELISM="false",
         )
         return env
 
@@ -191,9 +243,9 @@ GSM8K = [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}] * 4
 
 
 @contextmanager
-def open_programs(tmp_path: Path) -> Iterator[Programs]:
-    """What the ``programs`` fixture of the test modules yields: a server, with the datasets written."""
-    server = serve(tmp_path)
+def open_programs(tmp_path: Path, base: Path | str = BUILTIN_NAME) -> Iterator[Programs]:
+    """What the ``programs`` fixture of the test modules yields: a server of ``base``, datasets written."""
+    server = serve(tmp_path, base)
     chat = {
         "train": write_jsonl(tmp_path / "data" / "chat.jsonl", CHAT),
         "test": write_jsonl(tmp_path / "data" / "chat_test.jsonl", CHAT[:4]),
@@ -215,6 +267,27 @@ def open_programs(tmp_path: Path) -> Iterator[Programs]:
 
 def falls(values: list[float]) -> bool:
     return len(values) >= 2 and values[-1] < values[0]
+
+
+def warm_examples(base: Path) -> dict[str, Any]:
+    """``build_warm_base``'s examples: name -> {"prompt": tokens, "replies": {"right": ..., "wrong": ...}}."""
+    examples: dict[str, Any] = json.loads((base / "examples.json").read_text())
+    return examples
+
+
+def reply_logprobs(server: LocalServer, example: Mapping[str, Any], **model: str) -> dict[str, float]:
+    """The logprob of each of the example's replies after its prompt, exactly (prompt logprobs, no
+    sampling), under ``model_path=`` saved weights or a ``base_model=``: read with our client."""
+    from hpcai_async import ModelInput, ServiceClient
+
+    prompt = example["prompt"]
+    with ServiceClient(base_url=server.url, api_key=server.api_key) as service:
+        sampler = service.create_sampling_client(**model)
+        logprob = {}
+        for kind, reply in example["replies"].items():
+            logprobs = sampler.compute_logprobs(ModelInput.from_ints(prompt + reply)).result()
+            logprob[kind] = sum(logprobs[len(prompt) :])
+    return logprob
 
 
 def interrupted_after_the_first_checkpoint(log: Path) -> dict[str, object]:

@@ -2,16 +2,18 @@
 
 Each program is the official file itself (``examples/sft.py`` from the SDK's sdist, the recipes from its
 bundled cookbook), run a few steps on a small dataset the test writes; each test asserts the run ended and
-its loss fell (the RL recipes: every step trained and logged its reward), read from the program's own log
-(``metrics.jsonl``, or what it prints).
+its loss fell or, for the RL recipes, its reward rose, read from the program's own log (``metrics.jsonl``, or
+what it prints).
 See ``official_programs`` for the two ways and the local set-up (served model names, HF cache, datasets).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from official_programs import (
@@ -20,13 +22,16 @@ from official_programs import (
     MODEL,
     WAYS,
     Programs,
+    build_warm_base,
     checkpoints,
     cookbook_file,
     falls,
     interrupted_after_the_first_checkpoint,
     metrics,
     open_programs,
+    reply_logprobs,
     sdist_file,
+    warm_examples,
     write_jsonl,
 )
 
@@ -74,43 +79,81 @@ def test_sl_loop_fresh_then_resumed(programs: Programs, way: str) -> None:
     assert checkpoints(log)[-1]["name"] == "final"
 
 
-# The RL recipes (rl_loop, rl_basic, math_rl): the built-in model cannot earn their rewards (it never writes
-# the `\boxed{}` answer that gsm8k's grader needs, and knows sums only up to 20 + 20 where the arithmetic
-# environment asks up to 100 + 100), so these tests check that each run ends with every step trained and its
-# reward logged: rl_loop's 0 for a wrong answer, rl_basic's -0.1 (the format penalty of the cookbook's
-# MathEnv).
+# The RL recipes (rl_loop, rl_basic, math_rl on gsm8k) run on a warm base (``build_warm_base``): the built-in
+# model tuned to answer their own "What is 2 + 2?" prompts with \boxed{4} or \boxed{5}, half and half, so
+# its reward is about 0.5 and RL can raise it. 12 steps of 8 groups of 8 rollouts; the run must end with every
+# step logged and
+# - its reward up: the mean of the last 6 steps above the base's expected reward, the probability that the
+#   base writes the right reply (exact: prompt logprobs, no sampling; about 0.51);
+# - its final weights preferring the right answer more than the base does: the log-odds of \boxed{4} over
+#   \boxed{5} (exact too; the base's is about 0.07) up by more than 0.3.
+# Measured while writing this, in 12 runs: the last steps' mean reward 0.62 to 0.78, the log-odds up by 0.83
+# to 2.4. At twice this learning rate the reward rises faster, but Adam's first, sign-sized updates break the
+# reply format in about one run of six (a reward near 0 at step 3), and in one of 24 for good.
+RL_STEPS, RL_GROUPS, RL_GROUP_SIZE = 12, 8, 8
+RL_ARGS = ["max_tokens=16", "lora_rank=8", "learning_rate=4e-3"]
 
 
-@pytest.mark.parametrize("way", WAYS)
-def test_rl_loop(programs: Programs, way: str) -> None:
-    # its create_sampling_client(model_path=...) leaves out base_model, which the official SDK requires
-    log = programs.root / "rl_loop"
-    args = [f"log_path={log}", f"model_name={MODEL}", "batch_size=2", "group_size=2", "max_tokens=4"]
-    programs.run(cookbook_file("recipes/rl_loop.py"), [*args, "lora_rank=8", "save_every=0"], way=way)
+@pytest.fixture(scope="module")
+def warm_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_warm_base(tmp_path_factory.mktemp("warm"))
+
+
+@pytest.fixture
+def warm(tmp_path: Path, warm_base: Path) -> Iterator[Programs]:
+    with open_programs(tmp_path, warm_base) as running:
+        running.datasets["openai/gsm8k"]["train"] = write_jsonl(
+            tmp_path / "data" / "gsm8k_rl.jsonl", GSM8K[:1] * (RL_STEPS * RL_GROUPS)
+        )
+        yield running
+
+
+def assert_learned(programs: Programs, log: Path, reward: str, example: dict[str, Any], base: str) -> None:
     logged = metrics(log)
-    assert [m["step"] for m in logged] == [0, 1]  # 4 questions, 2 a batch
-    assert all(m["reward/total"] == 0.0 for m in logged)
-    assert checkpoints(log)[-1]["name"] == "final"
+    assert [m["step"] for m in logged] == list(range(RL_STEPS))
+    final = checkpoints(log)[-1]
+    assert final["name"] == "final"
+    before = reply_logprobs(programs.server, example, base_model=base)
+    after = reply_logprobs(programs.server, example, model_path=final["sampler_path"])
+    rewards = [m[reward] for m in logged]
+    assert sum(rewards[RL_STEPS // 2 :]) / (RL_STEPS // 2) > math.exp(before["right"]), (before, rewards)
+    odds_before, odds_after = (lp["right"] - lp["wrong"] for lp in (before, after))
+    assert odds_after > odds_before + 0.3, (before, after, rewards)
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_rl_basic(programs: Programs, way: str) -> None:
-    # its dataset builder is fixed in the recipe (Llama-3.1-8B, 128 questions of 16 rollouts a batch) and chz
-    # takes no `dataset_builder.batch_size=` for a builder given as an instance: 128 rows are one step
-    gsm8k = programs.datasets["openai/gsm8k"]
-    gsm8k["train"] = write_jsonl(programs.root / "data" / "gsm8k128.jsonl", GSM8K * 32)
-    log = programs.root / "rl_basic"
-    programs.run(cookbook_file("recipes/rl_basic.py"), [f"log_path={log}", "max_tokens=8"], way=way)
-    (step,) = metrics(log)
-    assert step["step"] == 0 and step["progress/done_frac"] == 1.0
-    assert step["env/all/total_episodes"] == 128 * 16
-    assert 0 < step["env/all/ac_tokens_per_turn"] <= 8
-    # no `\boxed{}` answer: every rollout gets the format penalty alone, 0.1 * (0 - 1)
-    assert step["env/all/format"] == 0.0 and step["env/all/correct"] == 0.0
-    assert step["env/all/reward/total"] == pytest.approx(-0.1)
-    # trained on what it sampled: the training pass's logprobs of the 2048 rollouts are the sampler's
+def test_rl_loop(warm: Programs, warm_base: Path, way: str) -> None:
+    # its create_sampling_client(model_path=...) leaves out base_model, which the official SDK requires
+    log = warm.root / "rl_loop"
+    args = [f"log_path={log}", f"model_name={MODEL}", f"batch_size={RL_GROUPS}", "save_every=0"]
+    warm.run(cookbook_file("recipes/rl_loop.py"), [*args, f"group_size={RL_GROUP_SIZE}", *RL_ARGS], way=way)
+    assert_learned(warm, log, "reward/total", warm_examples(warm_base)["rl_loop"], MODEL)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_rl_basic(warm: Programs, warm_base: Path, way: str) -> None:
+    # its dataset builder is fixed in the recipe (Llama-3.1-8B, a base model: the role_colon renderer; 128
+    # questions of 16 rollouts a batch); chz replaces it from the command line, by its class's name
+    llama = "meta-llama/Llama-3.1-8B"
+    builder = ["dataset_builder=Gsm8kDatasetBuilder", f"dataset_builder.batch_size={RL_GROUPS}"]
+    builder += [f"dataset_builder.group_size={RL_GROUP_SIZE}", "dataset_builder.renderer_name=role_colon"]
+    builder.append(f"dataset_builder.model_name_for_tokenizer={llama}")
+    log = warm.root / "rl_basic"
+    warm.run(cookbook_file("recipes/rl_basic.py"), [f"log_path={log}", *RL_ARGS, *builder], way=way)
+    assert_learned(warm, log, "env/all/reward/total", warm_examples(warm_base)["math_role_colon"], llama)
+    step = metrics(log)[-1]
+    assert step["env/all/total_episodes"] == RL_GROUPS * RL_GROUP_SIZE
+    # trained on what it sampled: the training pass's logprobs of the rollouts are the sampler's
     assert step["optim/entropy"] > 0 and abs(step["optim/kl_sample_train_v1"]) < 1e-4
-    assert [(c["name"], c["batch"]) for c in checkpoints(log)] == [("final", 1)]
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_math_rl_on_gsm8k(warm: Programs, warm_base: Path, way: str) -> None:
+    log = warm.root / "math_rl"
+    args = [f"log_path={log}", f"model_name={MODEL}", "env=gsm8k", f"group_size={RL_GROUP_SIZE}"]
+    args += [f"groups_per_batch={RL_GROUPS}", "eval_every=0", "save_every=0"]
+    warm.run(cookbook_file("recipes/math_rl/train.py"), [*args, *RL_ARGS], way=way)
+    assert_learned(warm, log, "env/all/reward/total", warm_examples(warm_base)["math_qwen3"], MODEL)
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -159,6 +202,8 @@ def test_chat_sl_fresh_resumed_and_from_a_checkpoint(programs: Programs, way: st
 
 @pytest.mark.parametrize("way", WAYS)
 def test_math_rl_on_the_arithmetic_environment(programs: Programs, way: str) -> None:
+    # on the built-in model, which knows sums up to 20 + 20 where this environment asks up to 100 + 100: no
+    # reward to earn in a few steps, so this checks that the run ends with every batch trained and logged
     log = programs.root / "math_rl"
     args = [f"log_path={log}", f"model_name={MODEL}", "env=arithmetic", "group_size=2", "groups_per_batch=1"]
     args += ["max_tokens=2", "lora_rank=8", "eval_every=0", "save_every=0", "learning_rate=1e-3"]
