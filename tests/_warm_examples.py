@@ -42,8 +42,8 @@ def rl_loop_convo(recipe: Path) -> list[dict[str, str]]:
     return [*prefix, {"role": "user", "content": QUESTION + suffix}]
 
 
-def examples(renderer: renderers.Renderer, convo: list[dict[str, str]]) -> dict[str, Any]:
-    prompt = renderer.build_generation_prompt(convo).to_ints()
+def examples(renderer: renderers.Renderer, convo: list[dict[str, str]], prompt: list[int]) -> dict[str, Any]:
+    """``prompt`` (the recipe's rendering of ``convo``) and each reply's tokens after it."""
     replies = {}
     for kind, reply in REPLIES.items():
         tokens, weights = renderer.build_supervised_example([*convo, {"role": "assistant", "content": reply}])
@@ -54,26 +54,27 @@ def examples(renderer: renderers.Renderer, convo: list[dict[str, str]]) -> dict[
     return {"prompt": prompt, "replies": replies}
 
 
-def renderer_for(model: str, name: str | None = None) -> renderers.Renderer:
-    name = name or model_info.get_recommended_renderer_name(model)
+def renderer_for(model: str) -> renderers.Renderer:
+    name = model_info.get_recommended_renderer_name(model)
     return renderers.get_renderer(name, tokenizer_utils.get_tokenizer(model))
 
 
-async def math_env_convo(renderer: renderers.Renderer) -> list[dict[str, str]]:
+def math_env_examples(renderer: renderers.Renderer) -> dict[str, Any]:
+    """The environment's own first observation as the prompt."""
     env = MathEnv(QUESTION, ANSWER, renderer, convo_prefix=MathEnv.standard_fewshot_prefix())
-    observation, _stop = await env.initial_observation()
+    observation, _stop = asyncio.run(env.initial_observation())
     convo = [*MathEnv.standard_fewshot_prefix(), {"role": "user", "content": env.get_question()}]
-    assert renderer.build_generation_prompt(convo).to_ints() == observation.to_ints()
-    return convo
+    return examples(renderer, convo, observation.to_ints())
 
 
 def main(rl_loop: Path) -> None:
     qwen3 = renderer_for("Qwen/Qwen3-0.6B")
     role_colon = renderer_for("meta-llama/Llama-3.1-8B")
+    convo = rl_loop_convo(rl_loop)
     out = {
-        "rl_loop": examples(qwen3, rl_loop_convo(rl_loop)),
-        "math_qwen3": examples(qwen3, asyncio.run(math_env_convo(qwen3))),
-        "math_role_colon": examples(role_colon, asyncio.run(math_env_convo(role_colon))),
+        "rl_loop": examples(qwen3, convo, qwen3.build_generation_prompt(convo).to_ints()),
+        "math_qwen3": math_env_examples(qwen3),
+        "math_role_colon": math_env_examples(role_colon),
     }
     print(json.dumps(out))
 

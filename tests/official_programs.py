@@ -98,14 +98,13 @@ def build_warm_base(root: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(BUILTIN, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3, weight_decay=0.0)
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
+    lengths = torch.tensor([len(p) + len(r) for p, r in rows])
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    labels = torch.full_like(ids, -100)  # the loss is on the replies only
     for i, (prompt, reply) in enumerate(rows):
-        tokens = torch.tensor(prompt + reply)
-        ids[i, : len(tokens)] = tokens
-        labels[i, len(prompt) : len(tokens)] = tokens[len(prompt) :]
-    mask = (labels != -100) | (torch.arange(width) < torch.tensor([len(p) for p, _ in rows])[:, None])
+        ids[i, : lengths[i]] = torch.tensor(prompt + reply)
+        labels[i, len(prompt) : lengths[i]] = ids[i, len(prompt) : lengths[i]]
+    mask = torch.arange(ids.shape[1]) < lengths[:, None]
     model.train()
     for _ in range(80):
         loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
